@@ -1,0 +1,45 @@
+# The stable interface: make up | down | status | demo | test | bench | lint.
+# `make test` and `make demo` work on a fresh Debian/Ubuntu machine: they install what is missing.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv up down status demo test lint typecheck bench clean
+
+venv: $(STAMP)
+
+# Re-installs only when pyproject.toml changed, so a warm `make up` stays fast.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+up: venv
+	@stack/stack.sh up
+
+down:
+	@stack/stack.sh down
+
+status:
+	@stack/stack.sh status
+
+demo: up
+	@$(VENV)/bin/datalayer demo
+
+lint: venv
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
+	@$(VENV)/bin/mypy
+
+# pytest exits 5 when it collected no test: that is a failure here, not a pass.
+test: up lint
+	@$(VENV)/bin/pytest; rc=$$?; \
+	if [ $$rc = 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+bench: up
+	@set -e; shopt -s nullglob; for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b; done
+
+clean: down
+	rm -rf .stack

@@ -1,0 +1,1 @@
+"""The Kafka consumer runtime that feeds events to projections."""

@@ -1,0 +1,101 @@
+"""The ``datalayer`` command: a thin layer over the packages, for operators.
+
+Every command reads its settings from the environment (see ``datalayer settings``), prints errors
+as one line (``--debug`` adds the traceback) and exits 0 on success, 1 when the work failed and
+2 when the command line or the settings are wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from datalayer.settings import Settings, SettingsError, load_settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from datalayer.smoke import run_smoke
+
+    print("datalayer demo: a round trip PostgreSQL -> Kafka -> Redis on the configured servers")
+    run_smoke(settings, messages=args.messages)
+    print("demo: ok")
+    return EXIT_OK
+
+
+def _cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
+    shown = settings.describe()
+    if args.json:
+        print(json.dumps(shown, indent=2))
+    else:
+        width = max(map(len, shown))
+        for name, value in shown.items():
+            print(f"{name:<{width}}  {value}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="datalayer",
+        description="Operate a datalayer event store, its relay, consumers and projections.",
+        epilog="example: DATALAYER_DATABASE_URL=postgresql://app:secret@db:5432/app datalayer settings",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run a round trip through PostgreSQL, Kafka and Redis",
+        description="Write rows to PostgreSQL, publish them to Kafka, consume them and store them in "
+        "Redis, checking each step.",
+        epilog="example: datalayer demo --messages 100",
+    )
+    demo.add_argument("--messages", type=int, default=10, help="how many records (default 10)")
+    demo.set_defaults(handler=_cmd_demo)
+
+    show = commands.add_parser(
+        "settings",
+        help="print the effective settings (passwords masked)",
+        description="Print every DATALAYER_* setting in effect, passwords masked.",
+        epilog="example: datalayer settings --json",
+    )
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(handler=_cmd_settings)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"datalayer: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    handler: Handler = args.handler
+    try:
+        return handler(args, settings)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"datalayer {args.command}: {one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def one_line(exc: BaseException) -> str:
+    """The error as one line: the driver's own error rather than SQLAlchemy's wrapper and its link."""
+    cause = getattr(exc, "orig", None) or exc
+    text = " ".join(part.strip() for part in str(cause).splitlines() if part.strip())
+    return f"{type(cause).__name__}: {text}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

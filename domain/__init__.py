@@ -1,0 +1,1 @@
+"""The orders domain: aggregates, events, commands and command handlers. No I/O of its own."""

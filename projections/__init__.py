@@ -1,0 +1,1 @@
+"""Projection definitions, their read-model targets in PostgreSQL and Redis, and queries."""

@@ -1,0 +1,44 @@
+"""Fixtures for tests on the real servers that `make up` starts (or those DATALAYER_* points at)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+from sqlalchemy import Engine
+
+from datalayer.clients import postgres_connection, postgres_engine, redis_client
+from datalayer.settings import Settings, load_settings
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return load_settings()
+
+
+@pytest.fixture(scope="session")
+def engine(settings: Settings) -> Iterator[Engine]:
+    engine = postgres_engine(settings, pool_size=5)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def pg(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
+    with postgres_connection(settings) as conn:
+        yield conn
+
+
+@pytest.fixture
+def redis_conn(settings: Settings) -> Iterator[redis.Redis]:
+    client = redis_client(settings)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def kafka_config(settings: Settings) -> dict[str, Any]:
+    return settings.kafka_config()

@@ -1,0 +1,58 @@
+"""The `datalayer` console script: help, settings and the smoke round trip."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BIN = Path(sys.executable).with_name("datalayer")
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_commands_with_an_example() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    assert "demo" in result.stdout and "settings" in result.stdout
+    assert "example:" in result.stdout
+    assert "example:" in run("demo", "--help").stdout
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    result = run("no-such-command")
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr
+
+
+def test_settings_json_masks_passwords() -> None:
+    env = dict(os.environ, DATALAYER_DATABASE_URL="postgresql://u:topsecret@h:5432/d")
+    result = subprocess.run(
+        [str(BIN), "settings", "--json"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["DATALAYER_DATABASE_URL"] == "postgresql://u:***@h:5432/d"
+    assert "topsecret" not in result.stdout
+
+
+def test_demo_round_trips_through_all_three_servers() -> None:
+    result = run("demo", "--messages", "25")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "wrote and read back 25 rows" in out
+    assert "consumed 25 records" in out
+    assert "stored the 25 consumed records" in out
+    assert out.strip().endswith("demo: ok")
+
+
+def test_unreachable_server_fails_with_one_line() -> None:
+    env = dict(os.environ, DATALAYER_DATABASE_URL="postgresql://u:p@127.0.0.1:1/d")
+    result = subprocess.run([str(BIN), "demo"], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("datalayer demo: OperationalError: connection failed")
