@@ -40,6 +40,38 @@ def _cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _cmd_db_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from datalayer.clients import postgres_connection
+    from eventstore.migrations import available_migrations, current_version, migrate
+
+    schema = args.schema or settings.eventstore_schema
+    with postgres_connection(settings, autocommit=True) as conn:
+        applied = migrate(conn, schema)
+        version = current_version(conn, schema)
+    for m in applied:
+        print(f"applied migration {m.version:04d} {m.name} to schema {schema}")
+    newest = available_migrations()[-1].version
+    print(
+        f"schema {schema} is at version {version} (newest {newest})" + ("" if applied else "; nothing to do")
+    )
+    return EXIT_OK
+
+
+def _cmd_db_status(args: argparse.Namespace, settings: Settings) -> int:
+    from datalayer.clients import postgres_connection
+    from eventstore.migrations import available_migrations, current_version
+
+    schema = args.schema or settings.eventstore_schema
+    with postgres_connection(settings, autocommit=True) as conn:
+        version = current_version(conn, schema)
+    newest = available_migrations()[-1].version
+    print(
+        f"schema {schema} is at version {version} of {newest}"
+        + ("" if version == newest else " (run: datalayer db migrate)")
+    )
+    return EXIT_OK if version == newest else EXIT_FAILED
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="datalayer",
@@ -68,6 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(handler=_cmd_settings)
+
+    db = commands.add_parser(
+        "db", help="the event store's schema", description="Manage the event store's schema."
+    )
+    db_commands = db.add_subparsers(dest="db_command", metavar="DB_COMMAND", required=True)
+    for name, handler, text in (
+        ("migrate", _cmd_db_migrate, "create or upgrade the schema; idempotent, safe to run concurrently"),
+        ("status", _cmd_db_status, "print the schema's migration version; exit 1 when behind"),
+    ):
+        cmd = db_commands.add_parser(
+            name,
+            help=text,
+            description=text[0].upper() + text[1:] + ".",
+            epilog=f"example: DATALAYER_EVENTSTORE_SCHEMA=orders datalayer db {name}",
+        )
+        cmd.add_argument("--schema", help="PostgreSQL schema (default: DATALAYER_EVENTSTORE_SCHEMA)")
+        cmd.set_defaults(handler=handler)
     return parser
 
 

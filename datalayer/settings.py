@@ -13,6 +13,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, FilePath, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from eventstore.store import libpq_tls_kwargs
+
 ENV_PREFIX = "DATALAYER_"
 
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
@@ -38,6 +40,12 @@ class Settings(BaseSettings):
     database_tls_ca_file: FilePath | None = Field(None, description="an existing CA certificate file")
     database_tls_cert_file: FilePath | None = Field(None, description="an existing client certificate file")
     database_tls_key_file: FilePath | None = Field(None, description="an existing client key file")
+
+    eventstore_schema: str = Field(
+        "datalayer",
+        pattern=r"^[a-z_][a-z0-9_]{0,47}$",
+        description="the event store's PostgreSQL schema: lower-case letters, digits and _",
+    )
 
     kafka_bootstrap: str = Field(
         "127.0.0.1:9092", description="comma-separated host:port pairs, e.g. 127.0.0.1:9092"
@@ -90,17 +98,29 @@ class Settings(BaseSettings):
 
     def postgres_connect_kwargs(self) -> dict[str, str]:
         """libpq connection parameters beyond the URL (TLS), for psycopg and SQLAlchemy alike."""
-        kwargs: dict[str, str] = {}
-        if self.database_sslmode:
-            kwargs["sslmode"] = self.database_sslmode
-        for key, path in (
-            ("sslrootcert", self.database_tls_ca_file),
-            ("sslcert", self.database_tls_cert_file),
-            ("sslkey", self.database_tls_key_file),
+        return libpq_tls_kwargs(
+            self.database_sslmode,
+            str(self.database_tls_ca_file) if self.database_tls_ca_file else None,
+            str(self.database_tls_cert_file) if self.database_tls_cert_file else None,
+            str(self.database_tls_key_file) if self.database_tls_key_file else None,
+        )
+
+    def eventsourcing_env(self, schema: str | None = None) -> dict[str, str]:
+        """The environment an ``eventsourcing`` application needs to persist in this event store."""
+        env = {
+            "PERSISTENCE_MODULE": "eventstore.persistence",
+            "DATALAYER_DATABASE_URL": self.psycopg_url(),
+            "DATALAYER_EVENTSTORE_SCHEMA": schema or self.eventstore_schema,
+        }
+        for key, value in (
+            ("SSLMODE", self.database_sslmode),
+            ("TLS_CA_FILE", self.database_tls_ca_file),
+            ("TLS_CERT_FILE", self.database_tls_cert_file),
+            ("TLS_KEY_FILE", self.database_tls_key_file),
         ):
-            if path is not None:
-                kwargs[key] = str(path)
-        return kwargs
+            if value:
+                env[f"DATALAYER_DATABASE_{key}"] = str(value)
+        return env
 
     def psycopg_url(self) -> str:
         """The database URL as psycopg takes it (no SQLAlchemy driver suffix)."""

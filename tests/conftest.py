@@ -12,6 +12,8 @@ from sqlalchemy import Engine
 
 from datalayer.clients import postgres_connection, postgres_engine, redis_client
 from datalayer.settings import Settings, load_settings
+from eventstore.store import EventStore
+from tests.helpers import unique_name
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +44,23 @@ def redis_conn(settings: Settings) -> Iterator[redis.Redis]:
 @pytest.fixture
 def kafka_config(settings: Settings) -> dict[str, Any]:
     return settings.kafka_config()
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[EventStore]:
+    """A migrated event store in a schema of its own, dropped afterwards."""
+    schema = unique_name("es")
+    es = EventStore.connect(
+        settings.psycopg_url(), schema=schema, max_size=24, connect_kwargs=settings.postgres_connect_kwargs()
+    )
+    es.migrate()
+    yield es
+    es.close()
+    with postgres_connection(settings, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("DROP SCHEMA {} CASCADE").format(psycopg.sql.Identifier(schema)))
+
+
+@pytest.fixture
+def es_env(settings: Settings, store: EventStore) -> dict[str, str]:
+    """Environment for an eventsourcing Application persisting into ``store``'s schema."""
+    return settings.eventsourcing_env(store.schema)

@@ -1,0 +1,284 @@
+"""``eventsourcing`` persistence on the datalayer event store.
+
+Select it in an application's environment::
+
+    OrdersApplication(env={"PERSISTENCE_MODULE": "eventstore.persistence",
+                           "DATALAYER_DATABASE_URL": "postgresql://...",
+                           "DATALAYER_EVENTSTORE_SCHEMA": "datalayer"})
+
+``Aggregate``, ``@event``, ``Application.save/get``, snapshots, upcasting, the cipher and
+compression then work unchanged, on a store whose writers never lock the table. Notification ids
+are the store's global positions: unique and increasing in insert order, but not in commit order
+and with gaps. The library's notification log and subscriptions assume commit order, so
+:meth:`DatalayerApplicationRecorder.subscribe` refuses; follow the log with
+:meth:`eventstore.store.EventStore.read_all` instead.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from functools import lru_cache
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.persistence import (
+    AggregateRecorder,
+    ApplicationRecorder,
+    InfrastructureFactory,
+    IntegrityError,
+    Notification,
+    ProcessRecorder,
+    StoredEvent,
+    Subscription,
+    TrackingRecorder,
+)
+from eventsourcing.utils import Environment, EnvType, resolve_topic
+from psycopg import sql
+
+from eventstore.records import NO_METADATA, EventMetadata, NewEvent, StreamAppend
+from eventstore.store import EventStore, libpq_tls_kwargs
+
+# A frozen (immutable) default: every context starts with no metadata.
+_metadata: ContextVar[EventMetadata] = ContextVar("datalayer_event_metadata", default=NO_METADATA)
+
+
+@contextmanager
+def event_metadata(**fields: Any) -> Iterator[EventMetadata]:
+    """Record correlation id, causation id, actor and tenant with every event saved inside the block."""
+    known = {k: fields.pop(k) for k in ("correlation_id", "causation_id", "actor", "tenant") if k in fields}
+    token = _metadata.set(EventMetadata(**known, extra=fields))
+    try:
+        yield _metadata.get()
+    finally:
+        _metadata.reset(token)
+
+
+@lru_cache(maxsize=4096)
+def _describe_topic(topic: str) -> tuple[str, int]:
+    """The stream type (the aggregate class) and payload schema version of an event class topic."""
+    qualname = topic.partition(":")[2] or topic
+    stream_type = qualname.rpartition(".")[0] or qualname
+    try:
+        schema_version = int(getattr(resolve_topic(topic), "class_version", 1))
+    except Exception:  # an unresolvable topic still gets stored; it is the reader's problem
+        schema_version = 1
+    return stream_type, schema_version
+
+
+class DatalayerApplicationRecorder(ApplicationRecorder):
+    """Stores an application's events in the event store's ``events`` table."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+        s = sql.Identifier(store.schema)
+        self._select_events = sql.SQL(
+            "SELECT stream_version, event_type, payload FROM {}.events WHERE stream_id = %s"
+            " AND stream_version > %s AND stream_version <= %s ORDER BY stream_version {} LIMIT %s"
+        )
+        self._schema = s
+
+    def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+        appends = self._appends(stored_events)
+        results = self.store.append_streams(appends)
+        position_by_key = {
+            (r.stream_id, r.version - len(r.positions) + i + 1): p
+            for r in results
+            for i, p in enumerate(r.positions)
+        }
+        return [position_by_key[(_uuid(e.originator_id), e.originator_version)] for e in stored_events]
+
+    @staticmethod
+    def _appends(stored_events: Sequence[StoredEvent]) -> list[StreamAppend]:
+        metadata = _metadata.get()
+        by_stream: dict[UUID, list[StoredEvent]] = {}
+        for event in stored_events:
+            by_stream.setdefault(_uuid(event.originator_id), []).append(event)
+        appends = []
+        for stream_id, events in by_stream.items():
+            first = events[0].originator_version
+            if [e.originator_version for e in events] != list(range(first, first + len(events))):
+                # Versions are the aggregate's claim about history: a repeat or a gap in one batch is
+                # two decisions taken on one state (or a lost one), never something to renumber.
+                raise IntegrityError(
+                    f"stream {stream_id}: versions {[e.originator_version for e in events]} in one save "
+                    "are not consecutive; nothing was appended"
+                )
+            stream_type, _ = _describe_topic(events[0].topic)
+            appends.append(
+                StreamAppend(
+                    stream_id=stream_id,
+                    stream_type=stream_type,
+                    expected_version=first - 1,
+                    events=tuple(
+                        NewEvent(
+                            event_id=uuid.uuid4(),
+                            event_type=e.topic,
+                            payload=e.state,
+                            schema_version=_describe_topic(e.topic)[1],
+                            metadata=metadata,
+                        )
+                        for e in events
+                    ),
+                )
+            )
+        return appends
+
+    def select_events(
+        self,
+        originator_id: UUID | str,
+        *,
+        gt: int | None = None,
+        lte: int | None = None,
+        desc: bool = False,
+        limit: int | None = None,
+    ) -> Sequence[StoredEvent]:
+        query = self._select_events.format(self._schema, sql.SQL("DESC" if desc else "ASC"))
+        stream_id = _uuid(originator_id)
+        with self.store.pool.connection() as conn:
+            rows = conn.execute(
+                query, (stream_id, -1 if gt is None else gt, 2**62 if lte is None else lte, limit)
+            ).fetchall()
+        return [StoredEvent(originator_id, int(v), t, bytes(p)) for v, t, p in rows]
+
+    def select_notifications(
+        self,
+        start: int | None,
+        limit: int,
+        stop: int | None = None,
+        topics: Sequence[str] = (),
+        *,
+        inclusive_of_start: bool = True,
+    ) -> Sequence[Notification]:
+        low = start if start is not None else 0
+        query = sql.SQL(
+            "SELECT position, stream_id, stream_version, event_type, payload FROM {}.events"
+            " WHERE position {} %s AND position <= %s"
+            " AND (cardinality(%s::text[]) = 0 OR event_type = ANY(%s))"
+            " ORDER BY position LIMIT %s"
+        ).format(self._schema, sql.SQL(">=" if inclusive_of_start else ">"))
+        with self.store.pool.connection() as conn:
+            rows = conn.execute(
+                query, (low, stop if stop is not None else 2**62, list(topics), list(topics), limit)
+            ).fetchall()
+        return [
+            Notification(
+                id=int(r[0]), originator_id=r[1], originator_version=int(r[2]), topic=r[3], state=bytes(r[4])
+            )
+            for r in rows
+        ]
+
+    def max_notification_id(self) -> int | None:
+        return self.store.max_position() or None
+
+    def subscribe(
+        self, gt: int | None = None, topics: Sequence[str] = ()
+    ) -> Subscription[ApplicationRecorder]:
+        raise NotImplementedError(
+            "notification ids of the datalayer store are not in commit order; follow the log with "
+            "EventStore.read_all(after=LogPosition) instead of eventsourcing subscriptions"
+        )
+
+
+class DatalayerSnapshotRecorder(AggregateRecorder):
+    """Stores snapshots in the event store's ``snapshots`` table (one row per stream and version)."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+        s = sql.Identifier(store.schema)
+        self._insert = sql.SQL(
+            "INSERT INTO {}.snapshots (stream_id, stream_version, snapshot_type, payload)"
+            " SELECT * FROM unnest(%s::uuid[], %s::int8[], %s::text[], %s::bytea[])"
+            " ON CONFLICT (stream_id, stream_version) DO NOTHING"
+        ).format(s)
+        self._select = sql.SQL(
+            "SELECT stream_version, snapshot_type, payload FROM {}.snapshots WHERE stream_id = %s"
+            " AND stream_version > %s AND stream_version <= %s ORDER BY stream_version {} LIMIT %s"
+        )
+        self._schema = s
+
+    def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+        # A snapshot taken twice at one version is the same state: the second is a no-op.
+        if stored_events:
+            columns = (
+                [_uuid(e.originator_id) for e in stored_events],
+                [e.originator_version for e in stored_events],
+                [e.topic for e in stored_events],
+                [e.state for e in stored_events],
+            )
+            with self.store.pool.connection() as conn, conn.transaction():
+                conn.execute(self._insert, columns)
+        return None
+
+    def select_events(
+        self,
+        originator_id: UUID | str,
+        *,
+        gt: int | None = None,
+        lte: int | None = None,
+        desc: bool = False,
+        limit: int | None = None,
+    ) -> Sequence[StoredEvent]:
+        query = self._select.format(self._schema, sql.SQL("DESC" if desc else "ASC"))
+        with self.store.pool.connection() as conn:
+            rows = conn.execute(
+                query, (_uuid(originator_id), -1 if gt is None else gt, 2**62 if lte is None else lte, limit)
+            ).fetchall()
+        return [StoredEvent(originator_id, int(v), t, bytes(p)) for v, t, p in rows]
+
+
+class Factory(InfrastructureFactory[TrackingRecorder]):
+    """Builds the datalayer recorders from ``DATALAYER_*`` keys of the application's environment.
+
+    Keys: ``DATALAYER_DATABASE_URL``, ``DATALAYER_DATABASE_SSLMODE`` and ``_TLS_CA_FILE``,
+    ``_TLS_CERT_FILE``, ``_TLS_KEY_FILE``; ``DATALAYER_EVENTSTORE_SCHEMA`` (default ``datalayer``);
+    ``DATALAYER_POOL_SIZE`` (default 16); ``CREATE_TABLE`` (default yes: migrate at start).
+    """
+
+    def __init__(self, env: Environment | EnvType | None) -> None:
+        super().__init__(env)
+        url = self.env.get(
+            "DATALAYER_DATABASE_URL", "postgresql://datalayer:datalayer@127.0.0.1:5432/datalayer"
+        )
+        tls = libpq_tls_kwargs(
+            self.env.get("DATALAYER_DATABASE_SSLMODE"),
+            self.env.get("DATALAYER_DATABASE_TLS_CA_FILE"),
+            self.env.get("DATALAYER_DATABASE_TLS_CERT_FILE"),
+            self.env.get("DATALAYER_DATABASE_TLS_KEY_FILE"),
+        )
+        self.store = EventStore.connect(
+            url.replace("postgresql+psycopg://", "postgresql://", 1),
+            schema=self.env.get("DATALAYER_EVENTSTORE_SCHEMA", "datalayer"),
+            max_size=int(self.env.get("DATALAYER_POOL_SIZE", "16")),
+            connect_kwargs=tls,
+        )
+        if self.env.get("CREATE_TABLE", "yes").lower() in ("y", "yes", "t", "true", "on", "1"):
+            self.store.migrate()
+
+    def aggregate_recorder(self, purpose: str = "events") -> AggregateRecorder:
+        if purpose == "snapshots":
+            return DatalayerSnapshotRecorder(self.store)
+        return DatalayerApplicationRecorder(self.store)
+
+    def application_recorder(self) -> ApplicationRecorder:
+        return DatalayerApplicationRecorder(self.store)
+
+    def tracking_recorder(
+        self, tracking_recorder_class: type[TrackingRecorder] | None = None
+    ) -> TrackingRecorder:
+        raise NotImplementedError("datalayer projections keep their own checkpoints; see projections/")
+
+    def process_recorder(self) -> ProcessRecorder:
+        raise NotImplementedError(
+            "eventsourcing process applications are not supported by the datalayer store"
+        )
+
+    def close(self) -> None:
+        self.store.close()
+        super().close()
+
+
+def _uuid(value: UUID | str) -> UUID:
+    return value if isinstance(value, UUID) else UUID(str(value))

@@ -1,0 +1,319 @@
+"""The PostgreSQL event store: append with optimistic concurrency, read streams and the log.
+
+Writers never take a table lock. Each row records the id of the transaction that wrote it, and
+:meth:`EventStore.read_all` returns only rows of transactions below the oldest one still running,
+ordered by (transaction id, position): every such transaction has finished, so no event can later
+appear behind a reader's position. A database trigger keeps each stream's versions contiguous and
+in transaction order, so that order is also per-stream version order.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import sql
+from psycopg.rows import TupleRow
+from psycopg_pool import ConnectionPool
+
+from eventstore.errors import ConcurrencyError, EventStoreError
+from eventstore.horizon import Horizon, read_horizon
+from eventstore.migrations import Migration, migrate
+from eventstore.records import (
+    LOG_START,
+    AppendResult,
+    EventMetadata,
+    LogPosition,
+    NewEvent,
+    RecordedEvent,
+    StreamAppend,
+)
+
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
+
+_COLUMNS = (
+    "position, transaction_id::text::int8, stream_id, stream_type, stream_version, event_id, "
+    "event_type, schema_version, payload, metadata, recorded_at"
+)
+
+
+def libpq_tls_kwargs(
+    sslmode: str | None, ca_file: str | None, cert_file: str | None, key_file: str | None
+) -> dict[str, str]:
+    """libpq's TLS connection parameters from their settings, leaving unset ones to libpq."""
+    pairs = (("sslmode", sslmode), ("sslrootcert", ca_file), ("sslcert", cert_file), ("sslkey", key_file))
+    return {key: str(value) for key, value in pairs if value}
+
+
+class EventStore:
+    """Events of many streams in one PostgreSQL schema, appended and read without a global lock."""
+
+    def __init__(self, pool: ConnectionPool[psycopg.Connection[TupleRow]], schema: str = "datalayer") -> None:
+        if not _SCHEMA_NAME.match(schema):
+            raise ValueError(f"schema name {schema!r} must be lower-case letters, digits and _ (max 48)")
+        self.pool = pool
+        self.schema = schema
+        self.channel = f"{schema}_events"
+        s = sql.Identifier(schema)
+        self._insert = sql.SQL(
+            "INSERT INTO {}.events (stream_id, stream_type, stream_version, event_id, event_type,"
+            " schema_version, payload, metadata)"
+            " SELECT * FROM unnest(%s::uuid[], %s::text[], %s::int8[], %s::uuid[], %s::text[],"
+            " %s::int4[], %s::bytea[], %s::text[]::jsonb[])"
+            " ON CONFLICT (event_id) DO NOTHING"
+            " RETURNING position, event_id"
+        ).format(s)
+        self._notify = sql.SQL("NOTIFY {}").format(sql.Identifier(self.channel))
+        self._versions = sql.SQL(
+            "SELECT stream_id, max(stream_version) FROM {}.events"
+            " WHERE stream_id = ANY(%s) GROUP BY stream_id"
+        ).format(s)
+        self._read_all = sql.SQL(
+            "SELECT " + _COLUMNS + " FROM {}.events"
+            " WHERE (transaction_id, position) > (%s::text::xid8, %s)"
+            "   AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
+            " ORDER BY transaction_id, position LIMIT %s"
+        ).format(s)
+
+    @classmethod
+    def connect(
+        cls,
+        conninfo: str,
+        schema: str = "datalayer",
+        *,
+        min_size: int = 1,
+        max_size: int = 16,
+        connect_kwargs: Mapping[str, Any] | None = None,
+    ) -> EventStore:
+        """A store with its own connection pool (autocommit connections; transactions are explicit).
+
+        ``connect_kwargs`` are libpq parameters beyond ``conninfo``, e.g. :func:`libpq_tls_kwargs`.
+        """
+        pool: ConnectionPool[psycopg.Connection[TupleRow]] = ConnectionPool(
+            conninfo,
+            min_size=min_size,
+            max_size=max_size,
+            open=True,
+            kwargs={**(connect_kwargs or {}), "autocommit": True},
+            name=f"eventstore-{schema}",
+        )
+        return cls(pool, schema)
+
+    def dedicated_connection(self) -> psycopg.Connection[TupleRow]:
+        """A new autocommit connection outside the pool, for long-lived uses such as LISTEN."""
+        given = self.pool.kwargs
+        kwargs = dict(given() if callable(given) else given or {})
+        return psycopg.connect(str(self.pool.conninfo), **{**kwargs, "autocommit": True})
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self) -> EventStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def migrate(self) -> list[Migration]:
+        """Create or upgrade this store's schema; returns the migrations applied now."""
+        with self.pool.connection() as conn:
+            return migrate(conn, self.schema)
+
+    # -- appending --------------------------------------------------------------------------------
+
+    def append(
+        self, stream_id: UUID, stream_type: str, events: Sequence[NewEvent], expected_version: int
+    ) -> AppendResult:
+        """Append to one stream expected at ``expected_version`` (0 for a new stream).
+
+        A new stream is numbered from 1; ``expected_version=-1`` starts one at 0 instead, for
+        aggregates whose first version is 0.
+
+        Raises :class:`ConcurrencyError` and writes nothing when the stream is at another version.
+        Events whose ids are already stored are skipped, so a retried append is not a duplicate.
+        """
+        return self.append_streams([StreamAppend(stream_id, stream_type, expected_version, tuple(events))])[0]
+
+    def append_streams(self, appends: Sequence[StreamAppend]) -> list[AppendResult]:
+        """Append to several streams in one transaction: all of it is written, or none of it."""
+        with self.pool.connection() as conn:
+            with conn.transaction():
+                results = self.append_in(conn, appends)
+            self._wake_readers(conn)
+        return results
+
+    def append_in(self, conn: psycopg.Connection[Any], appends: Sequence[StreamAppend]) -> list[AppendResult]:
+        """Append inside the caller's open transaction on ``conn`` (readers are not woken)."""
+        columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [])
+        for append in appends:
+            if append.expected_version < -1:
+                raise ValueError(f"expected version of stream {append.stream_id} must be >= -1")
+            for offset, event in enumerate(append.events, start=1):
+                columns[0].append(append.stream_id)
+                columns[1].append(append.stream_type)
+                columns[2].append(append.expected_version + offset)
+                columns[3].append(event.event_id)
+                columns[4].append(event.event_type)
+                columns[5].append(event.schema_version)
+                columns[6].append(event.payload)
+                columns[7].append(event.metadata.to_json())
+        if not columns[0]:
+            return [AppendResult(a.stream_id, a.expected_version, ()) for a in appends]
+        try:
+            with conn.transaction():  # a savepoint, so the caller's transaction survives a conflict
+                rows = conn.execute(self._insert, columns).fetchall()
+        except psycopg.DatabaseError as exc:
+            if not _is_version_conflict(exc):
+                raise
+            raise self._conflict(conn, appends) from exc
+        position_of = {row[1]: int(row[0]) for row in rows}
+        return [
+            AppendResult(
+                a.stream_id,
+                a.expected_version + len(a.events),
+                tuple(position_of[e.event_id] for e in a.events if e.event_id in position_of),
+            )
+            for a in appends
+        ]
+
+    def _conflict(self, conn: psycopg.Connection[Any], appends: Sequence[StreamAppend]) -> ConcurrencyError:
+        actual = self._current_versions(conn, [a.stream_id for a in appends])
+        for a in appends:
+            have = actual.get(a.stream_id)
+            if not (have == a.expected_version or (have is None and a.expected_version <= 0)):
+                return ConcurrencyError(a.stream_id, a.expected_version, have or 0)
+        first = appends[0]
+        return ConcurrencyError(first.stream_id, first.expected_version, actual.get(first.stream_id) or 0)
+
+    def _current_versions(self, conn: psycopg.Connection[Any], stream_ids: list[UUID]) -> dict[UUID, int]:
+        rows = conn.execute(self._versions, (stream_ids,)).fetchall()
+        return {row[0]: int(row[1]) for row in rows}
+
+    def _wake_readers(self, conn: psycopg.Connection[Any]) -> None:
+        # After the commit, in its own tiny transaction: NOTIFY inside the append would make every
+        # appending transaction queue for PostgreSQL's notification lock at commit.
+        conn.execute(self._notify)
+
+    def import_events(self, events: Iterable[tuple[UUID, str, int, NewEvent]]) -> int:
+        """The bulk path for imports and loads: COPY rows (stream id, type, version, event) in one go.
+
+        Streams must be contiguous, as for :meth:`append`; there is no expected-version check beyond
+        that (the database rejects a gap or a duplicate and the whole import is rolled back).
+        """
+        copy = sql.SQL(
+            "COPY {}.events (stream_id, stream_type, stream_version, event_id, event_type,"
+            " schema_version, payload, metadata) FROM STDIN (FORMAT BINARY)"
+        ).format(sql.Identifier(self.schema))
+        count = 0
+        with self.pool.connection() as conn:
+            with conn.transaction(), conn.cursor() as cur, cur.copy(copy) as writer:
+                writer.set_types(["uuid", "text", "int8", "uuid", "text", "int4", "bytea", "jsonb"])
+                for stream_id, stream_type, version, e in events:
+                    writer.write_row(
+                        (
+                            stream_id,
+                            stream_type,
+                            version,
+                            e.event_id,
+                            e.event_type,
+                            e.schema_version,
+                            e.payload,
+                            e.metadata.to_json(),
+                        )
+                    )
+                    count += 1
+            self._wake_readers(conn)
+        return count
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def read_stream(
+        self,
+        stream_id: UUID,
+        from_version: int = 1,
+        to_version: int | None = None,
+        *,
+        desc: bool = False,
+        limit: int | None = None,
+    ) -> list[RecordedEvent]:
+        """A stream's events from ``from_version`` to ``to_version`` (inclusive), in version order."""
+        query = sql.SQL(
+            "SELECT " + _COLUMNS + " FROM {}.events WHERE stream_id = %s AND stream_version >= %s"
+            " AND stream_version <= %s ORDER BY stream_version {} LIMIT %s"
+        ).format(sql.Identifier(self.schema), sql.SQL("DESC" if desc else "ASC"))
+        upper = to_version if to_version is not None else 2**62
+        with self.pool.connection() as conn:
+            rows = conn.execute(query, (stream_id, from_version, upper, limit)).fetchall()
+        return [_recorded(row) for row in rows]
+
+    def stream_version(self, stream_id: UUID) -> int:
+        """The stream's current version, 0 when it has no events."""
+        with self.pool.connection() as conn:
+            return self._current_versions(conn, [stream_id]).get(stream_id, 0)
+
+    def version_at(self, stream_id: UUID, moment: datetime) -> int:
+        """The stream's version as of ``moment`` (by commit-transaction start time), 0 before it began."""
+        query = sql.SQL(
+            "SELECT coalesce(max(stream_version), 0) FROM {}.events"
+            " WHERE stream_id = %s AND recorded_at <= %s"
+        ).format(sql.Identifier(self.schema))
+        with self.pool.connection() as conn:
+            row = conn.execute(query, (stream_id, moment)).fetchone()
+        return int(row[0]) if row else 0
+
+    def read_all(self, after: LogPosition = LOG_START, limit: int = 1000) -> list[RecordedEvent]:
+        """Up to ``limit`` events after ``after`` in commit order, never skipping a late commit.
+
+        Resume by passing the last event's :attr:`RecordedEvent.log_position`. A transaction still
+        open holds back events written after it began; :meth:`horizon` measures that stall.
+        """
+        with self.pool.connection() as conn:
+            rows = conn.execute(self._read_all, (str(after.transaction_id), after.position, limit)).fetchall()
+        return [_recorded(row) for row in rows]
+
+    def horizon(self) -> Horizon:
+        """Where readers stop now, and which transaction (if any) holds them back and for how long."""
+        with self.pool.connection() as conn:
+            return read_horizon(conn, self.schema)
+
+    def max_position(self) -> int:
+        """The highest global position written so far (0 when empty), committed or held back."""
+        query = sql.SQL("SELECT coalesce(max(position), 0) FROM {}.events").format(
+            sql.Identifier(self.schema)
+        )
+        with self.pool.connection() as conn:
+            row = conn.execute(query).fetchone()
+        return int(row[0]) if row else 0
+
+
+def _is_version_conflict(exc: psycopg.DatabaseError) -> bool:
+    """A version already taken, a version that does not follow its stream, or out-of-order writers."""
+    if isinstance(exc, pg_errors.UniqueViolation):
+        return exc.diag.constraint_name == "events_stream_version_key"
+    return exc.sqlstate in ("DL001", "40001")
+
+
+def _recorded(row: Sequence[Any]) -> RecordedEvent:
+    metadata = row[9] if isinstance(row[9], dict) else json.loads(row[9])
+    return RecordedEvent(
+        position=int(row[0]),
+        transaction_id=int(row[1]),
+        stream_id=row[2],
+        stream_type=row[3],
+        stream_version=int(row[4]),
+        event_id=row[5],
+        event_type=row[6],
+        schema_version=int(row[7]),
+        payload=bytes(row[8]),
+        metadata=EventMetadata.from_dict(metadata),
+        recorded_at=row[10],
+    )
+
+
+__all__ = ["EventStore", "EventStoreError", "libpq_tls_kwargs"]
