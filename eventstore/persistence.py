@@ -57,15 +57,18 @@ def event_metadata(**fields: Any) -> Iterator[EventMetadata]:
 
 
 @lru_cache(maxsize=4096)
-def _describe_topic(topic: str) -> tuple[str, int]:
-    """The stream type (the aggregate class) and payload schema version of an event class topic."""
+def _stream_type(topic: str) -> str:
+    """The aggregate class an event class topic belongs to: ``pkg.mod:Order.Placed`` -> ``Order``."""
     qualname = topic.partition(":")[2] or topic
-    stream_type = qualname.rpartition(".")[0] or qualname
+    return qualname.rpartition(".")[0] or qualname
+
+
+def _schema_version(topic: str) -> int:
+    """The event class's ``class_version`` now (eventsourcing caches the topic's resolution)."""
     try:
-        schema_version = int(getattr(resolve_topic(topic), "class_version", 1))
-    except Exception:  # an unresolvable topic still gets stored; it is the reader's problem
-        schema_version = 1
-    return stream_type, schema_version
+        return int(getattr(resolve_topic(topic), "class_version", 1))
+    except Exception:  # an unresolvable topic is still stored; reading it is the reader's problem
+        return 1
 
 
 class DatalayerApplicationRecorder(ApplicationRecorder):
@@ -106,7 +109,7 @@ class DatalayerApplicationRecorder(ApplicationRecorder):
                     f"stream {stream_id}: versions {[e.originator_version for e in events]} in one save "
                     "are not consecutive; nothing was appended"
                 )
-            stream_type, _ = _describe_topic(events[0].topic)
+            stream_type = _stream_type(events[0].topic)
             appends.append(
                 StreamAppend(
                     stream_id=stream_id,
@@ -117,7 +120,7 @@ class DatalayerApplicationRecorder(ApplicationRecorder):
                             event_id=uuid.uuid4(),
                             event_type=e.topic,
                             payload=e.state,
-                            schema_version=_describe_topic(e.topic)[1],
+                            schema_version=_schema_version(e.topic),
                             metadata=metadata,
                         )
                         for e in events

@@ -7,6 +7,8 @@ import uuid
 from collections.abc import Callable
 from typing import TypeVar
 
+from eventstore import EventStore, RecordedEvent
+
 T = TypeVar("T")
 
 
@@ -27,3 +29,17 @@ def wait_until(
 def unique_name(prefix: str) -> str:
     """A name no other test (or earlier run) uses: isolates topics, tables and keys."""
     return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+def read_all_settled(store: EventStore, count: int, limit: int = 100_000) -> list[RecordedEvent]:
+    """The log once ``count`` events are readable.
+
+    Readers stop at the oldest transaction open anywhere in the database, so right after a commit
+    another session's in-flight transaction may hold events back for a moment; wait that out.
+    """
+
+    def readable() -> list[RecordedEvent] | None:
+        events = store.read_all(limit=limit)
+        return events if len(events) >= count else None
+
+    return wait_until(readable, what=f"{count} events to be readable")

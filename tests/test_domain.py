@@ -46,9 +46,14 @@ from domain import (
 from eventstore.errors import ConcurrencyError
 
 
-@pytest.fixture
-def orders_app() -> Iterator[OrdersApplication]:
-    app = OrdersApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+@pytest.fixture(params=["memory", "postgres"])
+def orders_app(request: pytest.FixtureRequest) -> Iterator[OrdersApplication]:
+    """The domain on eventsourcing's in-memory store and on the datalayer PostgreSQL store."""
+    if request.param == "memory":
+        env = {"PERSISTENCE_MODULE": "eventsourcing.popo"}
+    else:
+        env = request.getfixturevalue("es_env")
+    app = OrdersApplication(env=env)
     yield app
     app.close()
 

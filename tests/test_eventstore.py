@@ -23,7 +23,7 @@ from eventstore import (
     StreamAppend,
 )
 from eventstore.migrations import current_version, migrate
-from tests.helpers import unique_name, wait_until
+from tests.helpers import read_all_settled, unique_name, wait_until
 
 
 def new_events(n: int, kind: str = "Happened") -> list[NewEvent]:
@@ -95,7 +95,7 @@ def test_resubmitting_the_same_events_is_a_no_op(store: EventStore) -> None:
     assert len(first.positions) == 3 and again.positions == ()
     assert again.version == 3
     assert len(store.read_stream(stream)) == 3
-    assert len(store.read_all()) == 3
+    assert len(read_all_settled(store, 3)) == 3
 
 
 def test_metadata_and_schema_version_are_stored(store: EventStore) -> None:
@@ -135,7 +135,7 @@ def test_history_is_append_only_in_the_database(store: EventStore, settings: Set
             with pytest.raises(psycopg.DatabaseError, match="append-only") as info:
                 conn.execute(statement)
             assert info.value.sqlstate == "DL002"
-    assert len(store.read_all()) == 2
+    assert len(read_all_settled(store, 2)) == 2
 
 
 def test_migrations_from_empty_then_rerun_then_refuse_edits(settings: Settings) -> None:
@@ -185,7 +185,7 @@ def test_batch_import_and_its_guard(store: EventStore) -> None:
     gap = [(uuid.uuid4(), "Imported", v, e) for v, e in zip((1, 3), new_events(2), strict=True)]
     with pytest.raises(psycopg.DatabaseError, match="no version 2"):
         store.import_events(gap)
-    assert len(store.read_all(limit=5000)) == 1000  # the failed import left nothing
+    assert len(read_all_settled(store, 1000)) == 1000  # the failed import left nothing
 
 
 def test_horizon_names_the_transaction_holding_readers_back(store: EventStore, settings: Settings) -> None:
@@ -198,7 +198,7 @@ def test_horizon_names_the_transaction_holding_readers_back(store: EventStore, s
         horizon = wait_until(lambda: (h := store.horizon()).blocking_pid == holder_pid and h, what="stall")
         assert horizon.stalled and horizon.held_back_events == 1
         assert horizon.blocking_seconds >= 0
-    seen = store.read_all()
+    seen = read_all_settled(store, 2)
     assert {e.position for e in seen} == {late.positions[0], *[e.position for e in store.read_stream(early)]}
     assert not store.horizon().stalled
 
