@@ -72,6 +72,15 @@ def _cmd_db_status(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK if version == newest else EXIT_FAILED
 
 
+def _schema_arg(value: str) -> str:
+    from eventstore.store import validate_schema_name
+
+    try:
+        return validate_schema_name(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="datalayer",
@@ -115,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
             description=text[0].upper() + text[1:] + ".",
             epilog=f"example: DATALAYER_EVENTSTORE_SCHEMA=orders datalayer db {name}",
         )
-        cmd.add_argument("--schema", help="PostgreSQL schema (default: DATALAYER_EVENTSTORE_SCHEMA)")
+        cmd.add_argument(
+            "--schema", type=_schema_arg, help="PostgreSQL schema (default: DATALAYER_EVENTSTORE_SCHEMA)"
+        )
         cmd.set_defaults(handler=handler)
     return parser
 

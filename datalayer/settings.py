@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, FilePath, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from eventstore.store import libpq_tls_kwargs
+from eventstore.store import libpq_tls_kwargs, validate_schema_name
 
 ENV_PREFIX = "DATALAYER_"
 
@@ -72,6 +72,11 @@ class Settings(BaseSettings):
             raise ValueError("not a postgresql://user:password@host:port/database URL")
         _ = parts.port  # raises ValueError on a port that is not a number in range
         return value
+
+    @field_validator("eventstore_schema")
+    @classmethod
+    def _check_schema(cls, value: str) -> str:
+        return validate_schema_name(value)
 
     @field_validator("kafka_bootstrap")
     @classmethod

@@ -45,10 +45,15 @@ class EventMetadata:
     tenant: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def to_json(self) -> str:
+    def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {k: v for k, v in vars(self).items() if v is not None and k != "extra"}
         data.update(self.extra)
-        return json.dumps(data, separators=(",", ":"), default=str)
+        return data
+
+    def to_json(self) -> str:
+        if self is NO_METADATA:
+            return "{}"  # the common case on the append path, without a json.dumps
+        return json.dumps(self.to_dict(), separators=(",", ":"), default=str)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EventMetadata:

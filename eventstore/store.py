@@ -34,13 +34,26 @@ from eventstore.records import (
     RecordedEvent,
     StreamAppend,
 )
+from eventstore.wakeup import ReaderWakeup
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
+
+# Same event id already stored: a resubmission, skipped. A taken (stream, version) still fails.
+_ON_CONFLICT = sql.SQL("ON CONFLICT (event_id) DO NOTHING RETURNING position, event_id")
+# Up to this many rows an append is a multi-row VALUES (cheaper to bind than arrays), beyond it unnest.
+_VALUES_MAX_ROWS = 64
 
 _COLUMNS = (
     "position, transaction_id::text::int8, stream_id, stream_type, stream_version, event_id, "
     "event_type, schema_version, payload, metadata, recorded_at"
 )
+
+
+def validate_schema_name(schema: str) -> str:
+    """The schema name if it is one the store accepts; ``ValueError`` naming the rule otherwise."""
+    if not _SCHEMA_NAME.match(schema):
+        raise ValueError(f"schema name {schema!r} must be lower-case letters, digits and _ (max 48)")
+    return schema
 
 
 def libpq_tls_kwargs(
@@ -55,21 +68,20 @@ class EventStore:
     """Events of many streams in one PostgreSQL schema, appended and read without a global lock."""
 
     def __init__(self, pool: ConnectionPool[psycopg.Connection[TupleRow]], schema: str = "datalayer") -> None:
-        if not _SCHEMA_NAME.match(schema):
-            raise ValueError(f"schema name {schema!r} must be lower-case letters, digits and _ (max 48)")
         self.pool = pool
-        self.schema = schema
+        self.schema = validate_schema_name(schema)
         self.channel = f"{schema}_events"
         s = sql.Identifier(schema)
-        self._insert = sql.SQL(
+        self._insert_columns = sql.SQL(
             "INSERT INTO {}.events (stream_id, stream_type, stream_version, event_id, event_type,"
             " schema_version, payload, metadata)"
-            " SELECT * FROM unnest(%s::uuid[], %s::text[], %s::int8[], %s::uuid[], %s::text[],"
-            " %s::int4[], %s::bytea[], %s::text[]::jsonb[])"
-            " ON CONFLICT (event_id) DO NOTHING"
-            " RETURNING position, event_id"
         ).format(s)
-        self._notify = sql.SQL("NOTIFY {}").format(sql.Identifier(self.channel))
+        self._insert_by_rows: dict[int, sql.Composed] = {}
+        self._insert_unnest = sql.SQL(
+            "{} SELECT * FROM unnest(%s::uuid[], %s::text[], %s::int8[], %s::uuid[], %s::text[],"
+            " %s::int4[], %s::bytea[], %s::text[]::jsonb[]) {}"
+        ).format(self._insert_columns, _ON_CONFLICT)
+        self._wakeup = ReaderWakeup(pool, self.channel)
         self._versions = sql.SQL(
             "SELECT stream_id, max(stream_version) FROM {}.events"
             " WHERE stream_id = ANY(%s) GROUP BY stream_id"
@@ -112,6 +124,7 @@ class EventStore:
         return psycopg.connect(str(self.pool.conninfo), **{**kwargs, "autocommit": True})
 
     def close(self) -> None:
+        self._wakeup.close()
         self.pool.close()
 
     def __enter__(self) -> EventStore:
@@ -143,36 +156,53 @@ class EventStore:
     def append_streams(self, appends: Sequence[StreamAppend]) -> list[AppendResult]:
         """Append to several streams in one transaction: all of it is written, or none of it."""
         with self.pool.connection() as conn:
-            with conn.transaction():
-                results = self.append_in(conn, appends)
-            self._wake_readers(conn)
+            # One INSERT statement: on an autocommit connection it is a transaction on its own.
+            results = self._write(conn, appends, savepoint=not conn.autocommit)
+        self._wakeup.announce()
         return results
 
     def append_in(self, conn: psycopg.Connection[Any], appends: Sequence[StreamAppend]) -> list[AppendResult]:
-        """Append inside the caller's open transaction on ``conn`` (readers are not woken)."""
-        columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [])
+        """Append inside the caller's open transaction on ``conn``.
+
+        A conflict rolls back only this append (a savepoint), so the caller may go on. Followers
+        learn of these events at their next poll, or sooner when this store appends again.
+        """
+        return self._write(conn, appends, savepoint=True)
+
+    def _write(
+        self, conn: psycopg.Connection[Any], appends: Sequence[StreamAppend], *, savepoint: bool
+    ) -> list[AppendResult]:
+        rows: list[tuple[Any, ...]] = []
         for append in appends:
             if append.expected_version < -1:
                 raise ValueError(f"expected version of stream {append.stream_id} must be >= -1")
             for offset, event in enumerate(append.events, start=1):
-                columns[0].append(append.stream_id)
-                columns[1].append(append.stream_type)
-                columns[2].append(append.expected_version + offset)
-                columns[3].append(event.event_id)
-                columns[4].append(event.event_type)
-                columns[5].append(event.schema_version)
-                columns[6].append(event.payload)
-                columns[7].append(event.metadata.to_json())
-        if not columns[0]:
+                rows.append(
+                    (
+                        append.stream_id,
+                        append.stream_type,
+                        append.expected_version + offset,
+                        event.event_id,
+                        event.event_type,
+                        event.schema_version,
+                        event.payload,
+                        event.metadata.to_json(),
+                    )
+                )
+        if not rows:
             return [AppendResult(a.stream_id, a.expected_version, ()) for a in appends]
+        statement, params = self._insert_statement(rows)
         try:
-            with conn.transaction():  # a savepoint, so the caller's transaction survives a conflict
-                rows = conn.execute(self._insert, columns).fetchall()
+            if savepoint:
+                with conn.transaction():
+                    returned = conn.execute(statement, params).fetchall()
+            else:
+                returned = conn.execute(statement, params).fetchall()
         except psycopg.DatabaseError as exc:
             if not _is_version_conflict(exc):
                 raise
             raise self._conflict(conn, appends) from exc
-        position_of = {row[1]: int(row[0]) for row in rows}
+        position_of = {row[1]: int(row[0]) for row in returned}
         return [
             AppendResult(
                 a.stream_id,
@@ -181,6 +211,18 @@ class EventStore:
             )
             for a in appends
         ]
+
+    def _insert_statement(self, rows: list[tuple[Any, ...]]) -> tuple[sql.Composed, Sequence[Any]]:
+        if len(rows) > _VALUES_MAX_ROWS:
+            return self._insert_unnest, [list(column) for column in zip(*rows, strict=True)]
+        statement = self._insert_by_rows.get(len(rows))
+        if statement is None:
+            row = sql.SQL("(%s, %s, %s, %s, %s, %s, %s, %s::jsonb)")
+            statement = sql.SQL("{} VALUES {} {}").format(
+                self._insert_columns, sql.SQL(", ").join([row] * len(rows)), _ON_CONFLICT
+            )
+            self._insert_by_rows[len(rows)] = statement
+        return statement, [value for row in rows for value in row]
 
     def _conflict(self, conn: psycopg.Connection[Any], appends: Sequence[StreamAppend]) -> ConcurrencyError:
         actual = self._current_versions(conn, [a.stream_id for a in appends])
@@ -195,11 +237,6 @@ class EventStore:
         rows = conn.execute(self._versions, (stream_ids,)).fetchall()
         return {row[0]: int(row[1]) for row in rows}
 
-    def _wake_readers(self, conn: psycopg.Connection[Any]) -> None:
-        # After the commit, in its own tiny transaction: NOTIFY inside the append would make every
-        # appending transaction queue for PostgreSQL's notification lock at commit.
-        conn.execute(self._notify)
-
     def import_events(self, events: Iterable[tuple[UUID, str, int, NewEvent]]) -> int:
         """The bulk path for imports and loads: COPY rows (stream id, type, version, event) in one go.
 
@@ -211,24 +248,28 @@ class EventStore:
             " schema_version, payload, metadata) FROM STDIN (FORMAT BINARY)"
         ).format(sql.Identifier(self.schema))
         count = 0
-        with self.pool.connection() as conn:
-            with conn.transaction(), conn.cursor() as cur, cur.copy(copy) as writer:
-                writer.set_types(["uuid", "text", "int8", "uuid", "text", "int4", "bytea", "jsonb"])
-                for stream_id, stream_type, version, e in events:
-                    writer.write_row(
-                        (
-                            stream_id,
-                            stream_type,
-                            version,
-                            e.event_id,
-                            e.event_type,
-                            e.schema_version,
-                            e.payload,
-                            e.metadata.to_json(),
-                        )
+        with (
+            self.pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor() as cur,
+            cur.copy(copy) as writer,
+        ):
+            writer.set_types(["uuid", "text", "int8", "uuid", "text", "int4", "bytea", "jsonb"])
+            for stream_id, stream_type, version, e in events:
+                writer.write_row(
+                    (
+                        stream_id,
+                        stream_type,
+                        version,
+                        e.event_id,
+                        e.event_type,
+                        e.schema_version,
+                        e.payload,
+                        e.metadata.to_dict(),  # the jsonb dumper encodes it; a str would be a JSON string
                     )
-                    count += 1
-            self._wake_readers(conn)
+                )
+                count += 1
+        self._wakeup.announce()
         return count
 
     # -- reading ----------------------------------------------------------------------------------
@@ -316,4 +357,4 @@ def _recorded(row: Sequence[Any]) -> RecordedEvent:
     )
 
 
-__all__ = ["EventStore", "EventStoreError", "libpq_tls_kwargs"]
+__all__ = ["EventStore", "EventStoreError", "libpq_tls_kwargs", "validate_schema_name"]

@@ -8,6 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from psycopg import sql
+
+from datalayer.clients import postgres_connection
+from datalayer.settings import Settings
+from tests.helpers import unique_name
+
 BIN = Path(sys.executable).with_name("datalayer")
 
 
@@ -56,3 +62,29 @@ def test_unreachable_server_fails_with_one_line() -> None:
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stderr.startswith("datalayer demo: OperationalError: connection failed")
+
+
+def test_db_migrate_is_idempotent_and_status_tells_the_version(settings: Settings) -> None:
+    schema = unique_name("cli")
+    try:
+        behind = run("db", "status", "--schema", schema)
+        assert behind.returncode == 1 and "version 0 of" in behind.stdout
+        first = run("db", "migrate", "--schema", schema)
+        assert first.returncode == 0, first.stderr
+        assert f"applied migration 0001 event_log to schema {schema}" in first.stdout
+        again = run("db", "migrate", "--schema", schema)
+        assert again.returncode == 0 and "nothing to do" in again.stdout
+        assert "applied" not in again.stdout
+        assert run("db", "status", "--schema", schema).returncode == 0
+    finally:
+        with postgres_connection(settings, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def test_db_migrate_refuses_a_bad_schema_name() -> None:
+    env = dict(os.environ, DATALAYER_EVENTSTORE_SCHEMA="Robert'); DROP TABLE students;--")
+    result = subprocess.run([str(BIN), "db", "migrate"], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2
+    assert "DATALAYER_EVENTSTORE_SCHEMA" in result.stderr
+    bad_flag = run("db", "migrate", "--schema", "Bad-Name")
+    assert bad_flag.returncode == 2 and "lower-case letters" in bad_flag.stderr

@@ -186,6 +186,16 @@ def test_batch_import_and_its_guard(store: EventStore) -> None:
     with pytest.raises(psycopg.DatabaseError, match="no version 2"):
         store.import_events(gap)
     assert len(read_all_settled(store, 1000)) == 1000  # the failed import left nothing
+    tagged = NewEvent(uuid.uuid4(), "Imported", b"{}", metadata=EventMetadata(actor="importer"))
+    store.import_events([(uuid.uuid4(), "Imported", 1, tagged)])
+    with store.pool.connection() as conn:
+        row = conn.execute(
+            sql.SQL("SELECT jsonb_typeof(metadata), metadata->>'actor' FROM {} WHERE event_id = %s").format(
+                sql.Identifier(store.schema, "events")
+            ),
+            (tagged.event_id,),
+        ).fetchone()
+    assert row == ("object", "importer")  # a JSON object, queryable, not a JSON string
 
 
 def test_horizon_names_the_transaction_holding_readers_back(store: EventStore, settings: Settings) -> None:
