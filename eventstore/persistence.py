@@ -71,17 +71,40 @@ def _schema_version(topic: str) -> int:
         return 1
 
 
+class _StreamSelect:
+    """``select_events`` of eventsourcing's recorders over one table (events or snapshots)."""
+
+    def __init__(self, store: EventStore, table: str, type_column: str) -> None:
+        self.store = store
+        template = sql.SQL(
+            "SELECT stream_version, {type}, payload FROM {table} WHERE stream_id = %s"
+            " AND stream_version > %s AND stream_version <= %s ORDER BY stream_version {order} LIMIT %s"
+        )
+        self._queries = {
+            desc: template.format(
+                type=sql.Identifier(type_column),
+                table=sql.Identifier(store.schema, table),
+                order=sql.SQL("DESC" if desc else "ASC"),
+            ).as_bytes()
+            for desc in (False, True)
+        }
+
+    def __call__(
+        self, originator_id: UUID | str, gt: int | None, lte: int | None, desc: bool, limit: int | None
+    ) -> list[StoredEvent]:
+        params = (_uuid(originator_id), -1 if gt is None else gt, 2**62 if lte is None else lte, limit)
+        with self.store.pool.connection() as conn:
+            rows = conn.execute(self._queries[desc], params).fetchall()
+        return [StoredEvent(originator_id, int(v), t, bytes(p)) for v, t, p in rows]
+
+
 class DatalayerApplicationRecorder(ApplicationRecorder):
     """Stores an application's events in the event store's ``events`` table."""
 
     def __init__(self, store: EventStore) -> None:
         self.store = store
-        s = sql.Identifier(store.schema)
-        self._select_events = sql.SQL(
-            "SELECT stream_version, event_type, payload FROM {}.events WHERE stream_id = %s"
-            " AND stream_version > %s AND stream_version <= %s ORDER BY stream_version {} LIMIT %s"
-        )
-        self._schema = s
+        self._schema = sql.Identifier(store.schema)
+        self._select_events = _StreamSelect(store, "events", "event_type")
 
     def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
         appends = self._appends(stored_events)
@@ -138,13 +161,7 @@ class DatalayerApplicationRecorder(ApplicationRecorder):
         desc: bool = False,
         limit: int | None = None,
     ) -> Sequence[StoredEvent]:
-        query = self._select_events.format(self._schema, sql.SQL("DESC" if desc else "ASC"))
-        stream_id = _uuid(originator_id)
-        with self.store.pool.connection() as conn:
-            rows = conn.execute(
-                query, (stream_id, -1 if gt is None else gt, 2**62 if lte is None else lte, limit)
-            ).fetchall()
-        return [StoredEvent(originator_id, int(v), t, bytes(p)) for v, t, p in rows]
+        return self._select_events(originator_id, gt, lte, desc, limit)
 
     def select_notifications(
         self,
@@ -196,11 +213,7 @@ class DatalayerSnapshotRecorder(AggregateRecorder):
             " SELECT * FROM unnest(%s::uuid[], %s::int8[], %s::text[], %s::bytea[])"
             " ON CONFLICT (stream_id, stream_version) DO NOTHING"
         ).format(s)
-        self._select = sql.SQL(
-            "SELECT stream_version, snapshot_type, payload FROM {}.snapshots WHERE stream_id = %s"
-            " AND stream_version > %s AND stream_version <= %s ORDER BY stream_version {} LIMIT %s"
-        )
-        self._schema = s
+        self._select = _StreamSelect(store, "snapshots", "snapshot_type")
 
     def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
         # A snapshot taken twice at one version is the same state: the second is a no-op.
@@ -224,12 +237,7 @@ class DatalayerSnapshotRecorder(AggregateRecorder):
         desc: bool = False,
         limit: int | None = None,
     ) -> Sequence[StoredEvent]:
-        query = self._select.format(self._schema, sql.SQL("DESC" if desc else "ASC"))
-        with self.store.pool.connection() as conn:
-            rows = conn.execute(
-                query, (_uuid(originator_id), -1 if gt is None else gt, 2**62 if lte is None else lte, limit)
-            ).fetchall()
-        return [StoredEvent(originator_id, int(v), t, bytes(p)) for v, t, p in rows]
+        return self._select(originator_id, gt, lte, desc, limit)
 
 
 class Factory(InfrastructureFactory[TrackingRecorder]):
