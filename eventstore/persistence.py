@@ -98,13 +98,30 @@ class _StreamSelect:
         return [StoredEvent(originator_id, int(v), t, bytes(p)) for v, t, p in rows]
 
 
-class DatalayerApplicationRecorder(ApplicationRecorder):
+class _ReadsStreams:
+    """eventsourcing's ``select_events``, shared by the events and the snapshots recorder."""
+
+    _select: _StreamSelect
+
+    def select_events(
+        self,
+        originator_id: UUID | str,
+        *,
+        gt: int | None = None,
+        lte: int | None = None,
+        desc: bool = False,
+        limit: int | None = None,
+    ) -> Sequence[StoredEvent]:
+        return self._select(originator_id, gt, lte, desc, limit)
+
+
+class DatalayerApplicationRecorder(_ReadsStreams, ApplicationRecorder):
     """Stores an application's events in the event store's ``events`` table."""
 
     def __init__(self, store: EventStore) -> None:
         self.store = store
         self._schema = sql.Identifier(store.schema)
-        self._select_events = _StreamSelect(store, "events", "event_type")
+        self._select = _StreamSelect(store, "events", "event_type")
 
     def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
         appends = self._appends(stored_events)
@@ -152,17 +169,6 @@ class DatalayerApplicationRecorder(ApplicationRecorder):
             )
         return appends
 
-    def select_events(
-        self,
-        originator_id: UUID | str,
-        *,
-        gt: int | None = None,
-        lte: int | None = None,
-        desc: bool = False,
-        limit: int | None = None,
-    ) -> Sequence[StoredEvent]:
-        return self._select_events(originator_id, gt, lte, desc, limit)
-
     def select_notifications(
         self,
         start: int | None,
@@ -202,7 +208,7 @@ class DatalayerApplicationRecorder(ApplicationRecorder):
         )
 
 
-class DatalayerSnapshotRecorder(AggregateRecorder):
+class DatalayerSnapshotRecorder(_ReadsStreams, AggregateRecorder):
     """Stores snapshots in the event store's ``snapshots`` table (one row per stream and version)."""
 
     def __init__(self, store: EventStore) -> None:
@@ -227,17 +233,6 @@ class DatalayerSnapshotRecorder(AggregateRecorder):
             with self.store.pool.connection() as conn, conn.transaction():
                 conn.execute(self._insert, columns)
         return None
-
-    def select_events(
-        self,
-        originator_id: UUID | str,
-        *,
-        gt: int | None = None,
-        lte: int | None = None,
-        desc: bool = False,
-        limit: int | None = None,
-    ) -> Sequence[StoredEvent]:
-        return self._select(originator_id, gt, lte, desc, limit)
 
 
 class Factory(InfrastructureFactory[TrackingRecorder]):
