@@ -72,6 +72,43 @@ def _cmd_db_status(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK if version == newest else EXIT_FAILED
 
 
+def _cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+    import signal
+    import threading
+
+    from eventstore import EventStore
+    from eventstore.relay import Relay, RelayConfig
+
+    store = EventStore.connect(
+        settings.psycopg_url(),
+        schema=settings.eventstore_schema,
+        max_size=4,
+        connect_kwargs=settings.postgres_connect_kwargs(),
+    )
+    config = RelayConfig(
+        name=args.name,
+        topic_prefix=settings.topic_prefix,
+        partitions=settings.topic_partitions,
+        replication_factor=settings.topic_replication_factor,
+        batch_size=args.batch_size,
+    )
+    relay = Relay(store, settings.kafka_config(), config)
+    try:
+        if args.lag:
+            print(json.dumps(relay.lag().as_dict(), indent=2))
+            return EXIT_OK
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("kafka").setLevel(logging.WARNING)
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        relay.run(stop)  # returns after a clean stop: the last batch acknowledged and checkpointed
+        return EXIT_OK
+    finally:
+        store.close()
+
+
 def _schema_arg(value: str) -> str:
     from eventstore.store import validate_schema_name
 
@@ -109,6 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(handler=_cmd_settings)
+
+    relay = commands.add_parser(
+        "relay",
+        help="publish every event of the store to Kafka (runs until SIGTERM)",
+        description="Follow the event store's commit-ordered log and publish every event to Kafka: one "
+        "topic per stream type (DATALAYER_TOPIC_PREFIX + type), key = stream id, a JSON envelope as value. "
+        "At least once: the checkpoint moves only after Kafka acknowledged. One relay per store and name is "
+        "active; more instances wait as hot standbys. SIGTERM flushes, checkpoints and exits 0.",
+        epilog="example: DATALAYER_TOPIC_PREFIX=prod.events. datalayer relay\n"
+        "         datalayer relay --lag   # checkpoint, lag in events and seconds, horizon stall (JSON)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    relay.add_argument("--name", default="default", help="relay name: one active relay per name (default)")
+    relay.add_argument("--batch-size", type=int, default=5000, help="events per batch (default 5000)")
+    relay.add_argument("--lag", action="store_true", help="print the relay's lag as JSON and exit")
+    relay.set_defaults(handler=_cmd_relay)
 
     db = commands.add_parser(
         "db", help="the event store's schema", description="Manage the event store's schema."

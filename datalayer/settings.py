@@ -55,6 +55,14 @@ class Settings(BaseSettings):
     kafka_tls_cert_file: FilePath | None = Field(None, description="an existing client certificate file")
     kafka_tls_key_file: FilePath | None = Field(None, description="an existing client key file")
 
+    topic_prefix: str = Field(
+        "datalayer.events.",
+        pattern=r"^[A-Za-z0-9._-]{0,200}$",
+        description="letters, digits, '.', '_' and '-' (the relay appends the stream type)",
+    )
+    topic_partitions: int = Field(6, ge=1, le=10_000, description="a whole number of partitions >= 1")
+    topic_replication_factor: int = Field(1, ge=1, le=32, description="a replication factor >= 1")
+
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
         repr=False,

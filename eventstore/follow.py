@@ -6,6 +6,7 @@ horizon released by a transaction that wrote no event costs at most ``poll_inter
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +16,17 @@ from psycopg import sql
 
 from eventstore.records import LOG_START, LogPosition, RecordedEvent
 from eventstore.store import EventStore
+
+
+class _Either(threading.Event):
+    """Set when either of two events is set (checked by :meth:`LogFollower.batches`)."""
+
+    def __init__(self, first: threading.Event, second: threading.Event) -> None:
+        super().__init__()
+        self._events = (first, second)
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self._events)
 
 
 class LogFollower:
@@ -27,15 +39,21 @@ class LogFollower:
         *,
         batch_size: int = 1000,
         poll_interval: float = 0.5,
+        report_idle: bool = False,
     ) -> None:
         self.store = store
         self.position = after
         self.batch_size = batch_size
         self.poll_interval = poll_interval
+        self.report_idle = report_idle
         self._listener: psycopg.Connection[Any] | None = None
 
     def batches(self, stop: threading.Event | None = None) -> Iterator[list[RecordedEvent]]:
-        """Each non-empty batch as it becomes readable; :attr:`position` moves past it when yielded."""
+        """Each batch as it becomes readable; :attr:`position` moves past it when yielded.
+
+        With ``report_idle`` an empty batch is yielded each time the follower has caught up and is
+        about to wait, so that a consumer can finish work it deferred while there was a backlog.
+        """
         stop = stop or threading.Event()
         try:
             self._try_listen()  # before the first read, so nothing committed after it goes unannounced
@@ -46,9 +64,44 @@ class LogFollower:
                     yield batch
                     if len(batch) == self.batch_size:
                         continue
+                elif self.report_idle:
+                    yield batch
                 self.wait(self.poll_interval)
         finally:
             self.close()
+
+    def prefetched(self, stop: threading.Event, depth: int = 2) -> Iterator[list[RecordedEvent]]:
+        """:meth:`batches`, read ahead by a thread: the next batch is fetched while this one is used.
+
+        The database's time to answer then overlaps the caller's work. An error in the reading
+        thread is raised here; leaving the loop stops the thread.
+        """
+        done = threading.Event()
+        ready: queue.Queue[list[RecordedEvent] | BaseException | None] = queue.Queue(maxsize=depth)
+
+        def read() -> None:
+            try:
+                for batch in self.batches(_Either(stop, done)):
+                    while not done.is_set():
+                        try:
+                            ready.put(batch, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                ready.put(None)
+            except BaseException as exc:  # handed to the consuming thread, which raises it
+                ready.put(exc)
+
+        reader = threading.Thread(target=read, name="datalayer-log-reader", daemon=True)
+        reader.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            done.set()
+            reader.join(timeout=10)
 
     def wait(self, timeout: float) -> bool:
         """Block until a writer announces new events or ``timeout`` passes; True when announced."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 from uuid import UUID
+
+import orjson
 
 
 class LogPosition(NamedTuple):
@@ -46,6 +47,8 @@ class EventMetadata:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        if self is NO_METADATA:
+            return {}
         data: dict[str, Any] = {k: v for k, v in vars(self).items() if v is not None and k != "extra"}
         data.update(self.extra)
         return data
@@ -53,7 +56,7 @@ class EventMetadata:
     def to_json(self) -> str:
         if self is NO_METADATA:
             return "{}"  # the common case on the append path, without a json.dumps
-        return json.dumps(self.to_dict(), separators=(",", ":"), default=str)
+        return orjson.dumps(self.to_dict(), default=str).decode()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EventMetadata:

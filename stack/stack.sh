@@ -33,8 +33,11 @@ die() { printf 'stack: %s\n' "$*" >&2; exit 1; }
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-pid_alive() { # pidfile
-  [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+pid_alive() { # pidfile -- running, not merely a zombie nobody reaped (PID 1 here may not reap)
+  [ -f "$1" ] || return 1
+  local state
+  state=$(ps -o stat= -p "$(cat "$1")" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "${state#Z}" = "$state" ]
 }
 
 port_open() { # port
@@ -55,6 +58,7 @@ wait_for() { # description timeout-seconds command...
 }
 
 probe() { "$PY" "$ROOT/stack/probe.py" "$@"; }
+export -f pid_alive
 
 # ---------------------------------------------------------------------------------------------
 # Installation of what is missing
@@ -248,7 +252,7 @@ redis_down() {
   local pidf=$PIDS/redis.pid
   if pid_alive "$pidf"; then
     kill "$(cat "$pidf")"
-    wait_for redis-stop 30 bash -c "! kill -0 $(cat "$pidf") 2>/dev/null" || kill -9 "$(cat "$pidf")" 2>/dev/null || true
+    wait_for redis-stop 30 bash -c "! pid_alive $pidf" || kill -9 "$(cat "$pidf")" 2>/dev/null || true
     log "redis: stopped"
   fi
   rm -f "$pidf"
@@ -301,7 +305,7 @@ kafka_down() {
     local pid
     pid=$(cat "$pidf")
     kill "$pid"
-    wait_for kafka-stop 60 bash -c "! kill -0 $pid 2>/dev/null" || kill -9 "$pid" 2>/dev/null || true
+    wait_for kafka-stop 60 bash -c "! pid_alive $pidf" || kill -9 "$pid" 2>/dev/null || true
     log "kafka: stopped"
   fi
   rm -f "$pidf"

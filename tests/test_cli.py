@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 from psycopg import sql
 
 from datalayer.clients import postgres_connection
 from datalayer.settings import Settings
+from eventstore import EventStore, NewEvent
 from tests.helpers import unique_name
 
 BIN = Path(sys.executable).with_name("datalayer")
@@ -88,3 +90,14 @@ def test_db_migrate_refuses_a_bad_schema_name() -> None:
     assert "DATALAYER_EVENTSTORE_SCHEMA" in result.stderr
     bad_flag = run("db", "migrate", "--schema", "Bad-Name")
     assert bad_flag.returncode == 2 and "lower-case letters" in bad_flag.stderr
+
+
+def test_relay_lag_reports_unpublished_events(store: EventStore) -> None:
+    store.append(uuid.uuid4(), "Order", [NewEvent(uuid.uuid4(), "Placed", b"{}") for _ in range(3)], 0)
+    env = dict(os.environ, DATALAYER_EVENTSTORE_SCHEMA=store.schema)
+    result = subprocess.run([str(BIN), "relay", "--lag"], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    lag = json.loads(result.stdout)
+    assert lag["lag_events"] == 3 and lag["checkpoint"] == "0/0" and lag["published"] == 0
+    assert lag["lag_seconds"] >= 0 and lag["horizon"]["stalled"] is False
+    assert "example:" in run("relay", "--help").stdout

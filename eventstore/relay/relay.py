@@ -1,0 +1,285 @@
+"""The relay: the store's commit-ordered log, published to Kafka, at least once, without a dual write.
+
+One relay per store and name is active (a PostgreSQL advisory lock); others wait as hot standbys.
+The active one follows the log from its checkpoint, publishes each batch (topic per stream type,
+key = stream id), waits until Kafka acknowledged all of it, and only then moves the checkpoint.
+Any failure (Kafka or PostgreSQL away, leadership lost) restarts it from the checkpoint: events
+may be published twice, never skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from kafka import KafkaAdminClient, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from eventstore.follow import LogFollower
+from eventstore.records import RecordedEvent
+from eventstore.relay.checkpoint import RelayLag, load_checkpoint, read_lag, save_checkpoint
+from eventstore.relay.envelope import encode_envelope
+from eventstore.store import EventStore
+
+log = logging.getLogger("datalayer.relay")
+
+_TOPIC_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """How the relay names and creates topics, and how it batches."""
+
+    name: str = "default"
+    topic_prefix: str = "datalayer.events."
+    partitions: int = 6
+    replication_factor: int = 1
+    batch_size: int = 5000
+    poll_interval: float = 0.5
+    standby_interval: float = 1.0
+    lease_check_interval: float = 1.0
+    max_backoff: float = 10.0
+    max_batches_in_flight: int = 4
+
+    def topic_for(self, stream_type: str) -> str:
+        """``prefix + stream type``, with characters Kafka does not allow replaced by ``_``."""
+        return (self.topic_prefix + _TOPIC_CHARS.sub("_", stream_type))[:249]
+
+
+class LeadershipLost(Exception):
+    """The advisory lock's session is gone: another relay may be active now."""
+
+
+class Relay:
+    """Publishes every event of ``store`` to Kafka; :meth:`run` until ``stop`` is set."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        kafka_config: dict[str, Any],
+        config: RelayConfig | None = None,
+        on_published: Callable[[Sequence[RecordedEvent]], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.kafka_config = kafka_config
+        self.config = config or RelayConfig()
+        self.on_published = on_published
+        self.is_active = threading.Event()
+        self._known_topics: set[str] = set()
+        self._topics: dict[str, str] = {}  # stream type -> topic name, computed once
+        self._lock_key = f"datalayer.relay.{store.schema}.{self.config.name}"
+
+    def run(self, stop: threading.Event) -> None:
+        """Wait for leadership, publish, and recover from failures, until ``stop`` is set.
+
+        Failures of the servers are retried with backoff; a schema that is not migrated, or a
+        configuration Kafka refuses, is raised: waiting would not mend it.
+        """
+        self.store.require_schema()
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                with self._leadership(stop) as lease:
+                    if lease is None:
+                        return
+                    self.is_active.set()
+                    self._publish(stop, lease)
+                    return
+            except (
+                KafkaError,
+                psycopg.OperationalError,
+                psycopg.InterfaceError,
+                LeadershipLost,
+                OSError,
+            ) as exc:
+                log.warning(
+                    "relay %s: %s: %s; restarting from the checkpoint in %.1f s",
+                    self.config.name,
+                    type(exc).__name__,
+                    exc,
+                    backoff,
+                )
+            finally:
+                self.is_active.clear()
+            stop.wait(backoff)
+            backoff = min(backoff * 2, self.config.max_backoff)
+
+    def lag(self) -> RelayLag:
+        with self.store.pool.connection() as conn:
+            return read_lag(conn, self.store.schema, self.config.name)
+
+    # -- leadership ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _leadership(self, stop: threading.Event) -> Iterator[_Lease | None]:
+        conn = self.store.dedicated_connection()
+        try:
+            announced = False
+            while not stop.is_set():
+                row = conn.execute(
+                    "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (self._lock_key,)
+                ).fetchone()
+                if row is not None and row[0]:
+                    log.info("relay %s: active", self.config.name)
+                    yield _Lease(conn, self.config.lease_check_interval)
+                    return
+                if not announced:
+                    log.info("relay %s: standing by (another relay is active)", self.config.name)
+                    announced = True
+                stop.wait(self.config.standby_interval)
+            yield None
+        finally:
+            conn.close()  # ends the session, which releases the lock
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def _publish(self, stop: threading.Event, lease: _Lease) -> None:
+        with self.store.pool.connection() as conn:
+            checkpoint = load_checkpoint(conn, self.store.schema, self.config.name)
+        follower = LogFollower(
+            self.store,
+            checkpoint.position,
+            batch_size=self.config.batch_size,
+            poll_interval=self.config.poll_interval,
+            report_idle=True,
+        )
+        producer = KafkaProducer(
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            batch_size=512 * 1024,
+            max_request_size=8 * 1024 * 1024,
+            delivery_timeout_ms=60_000,
+            max_block_ms=30_000,
+            **self.kafka_config,
+        )
+        admin = KafkaAdminClient(**self.kafka_config)
+        in_flight: deque[_SentBatch] = deque()
+        try:
+            for batch in follower.prefetched(stop):
+                lease.verify()
+                if batch:
+                    self._ensure_topics(admin, {e.stream_type for e in batch})
+                    in_flight.append(_SentBatch(batch, [self._send(producer, e) for e in batch]))
+                if len(batch) < self.config.batch_size:
+                    # Caught up: have everything acknowledged now, for latency. With a backlog,
+                    # keep sending while earlier batches are being acknowledged, for throughput.
+                    producer.flush()
+                    self._settle(in_flight, wait=True, everything=True)
+                else:
+                    self._settle(in_flight, wait=len(in_flight) > self.config.max_batches_in_flight)
+            producer.flush()
+            self._settle(in_flight, wait=True, everything=True)
+        finally:
+            producer.close(timeout=10)
+            admin.close()
+
+    def _send(self, producer: KafkaProducer, event: RecordedEvent) -> Any:
+        topic = self._topics.get(event.stream_type)
+        if topic is None:
+            topic = self._topics[event.stream_type] = self.config.topic_for(event.stream_type)
+        return producer.send(
+            topic,
+            key=str(event.stream_id).encode(),
+            value=encode_envelope(event),
+            headers=[
+                ("event_type", event.event_type.encode()),
+                ("schema_version", b"%d" % event.schema_version),
+                ("position", b"%d" % event.position),
+                ("log_position", b"%d/%d" % (event.transaction_id, event.position)),
+            ],
+        )
+
+    def _settle(self, in_flight: deque[_SentBatch], *, wait: bool, everything: bool = False) -> None:
+        """Checkpoint after the oldest batches Kafka has fully acknowledged; raise if a send failed.
+
+        With ``wait`` it blocks until at least the oldest batch is acknowledged (all, ``everything``).
+        """
+        settled: list[_SentBatch] = []
+        while in_flight and (in_flight[0].acknowledged() or (wait and (everything or not settled))):
+            in_flight[0].wait()
+            settled.append(in_flight.popleft())
+        if not settled:
+            return
+        with self.store.pool.connection() as conn:
+            save_checkpoint(
+                conn,
+                self.store.schema,
+                self.config.name,
+                settled[-1].events[-1].log_position,
+                sum(len(b.events) for b in settled),
+            )
+        if self.on_published is not None:
+            for sent in settled:
+                self.on_published(sent.events)
+
+    def _ensure_topics(self, admin: KafkaAdminClient, stream_types: set[str]) -> None:
+        wanted = {self.config.topic_for(t) for t in stream_types} - self._known_topics
+        if not wanted:
+            return
+        missing = wanted - set(admin.list_topics())
+        if missing:
+            try:
+                admin.create_topics(
+                    [
+                        NewTopic(
+                            t,
+                            num_partitions=self.config.partitions,
+                            replication_factor=self.config.replication_factor,
+                        )
+                        for t in sorted(missing)
+                    ]
+                )
+                log.info("relay %s: created topics %s", self.config.name, ", ".join(sorted(missing)))
+            except TopicAlreadyExistsError:
+                pass  # another relay (or an operator) made it meanwhile
+        self._known_topics |= wanted
+
+
+class _SentBatch:
+    """A batch handed to the producer, and the futures that tell when Kafka acknowledged it."""
+
+    def __init__(self, events: Sequence[RecordedEvent], futures: list[Any]) -> None:
+        self.events = events
+        self.futures = futures
+        self._checked = 0
+
+    def acknowledged(self) -> bool:
+        while self._checked < len(self.futures) and self.futures[self._checked].is_done:
+            self._checked += 1
+        return self._checked == len(self.futures)
+
+    def wait(self) -> None:
+        for future in self.futures[self._checked :]:
+            future.get()  # raises the send's error, which restarts the relay from its checkpoint
+        for future in self.futures:
+            if future.failed():
+                raise future.exception
+        self._checked = len(self.futures)
+
+
+class _Lease:
+    """The advisory lock's session, checked now and then so a lost lock stops publishing."""
+
+    def __init__(self, conn: psycopg.Connection[Any], interval: float) -> None:
+        self._conn = conn
+        self._interval = interval
+        self._checked = time.monotonic()
+
+    def verify(self) -> None:
+        if time.monotonic() - self._checked < self._interval:
+            return
+        try:
+            self._conn.execute("SELECT 1")
+        except psycopg.Error as exc:
+            raise LeadershipLost(f"the advisory lock's session ended ({exc})") from exc
+        self._checked = time.monotonic()
