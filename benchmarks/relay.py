@@ -34,7 +34,7 @@ from psycopg import sql
 
 from datalayer.settings import Settings, load_settings
 from eventstore import LOG_START, EventStore, NewEvent, RecordedEvent
-from eventstore.relay import Relay, RelayConfig, encode_envelope
+from eventstore.relay.relay import PRODUCER_SETTINGS, Relay, RelayConfig, kafka_record
 
 EVENTS = 200_000
 STREAMS = 20_000
@@ -119,14 +119,7 @@ def relay_round(store: EventStore, settings: Settings, prefix: str, name: str) -
 def raw_round(
     settings: Settings, topic: str, values: list[tuple[bytes, bytes, list[tuple[str, bytes]]]]
 ) -> float:
-    producer = KafkaProducer(
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=5,
-        batch_size=512 * 1024,
-        max_request_size=8 * 1024 * 1024,
-        **settings.kafka_config(),
-    )
+    producer = KafkaProducer(**PRODUCER_SETTINGS, **settings.kafka_config())
     producer.partitions_for(topic)  # metadata fetched before the clock starts, as the relay's is
     started = time.perf_counter()
     for key, value, headers in values:
@@ -244,19 +237,7 @@ def main() -> None:
     try:
         store.migrate()
         events = fill_store(store)
-        values = [
-            (
-                str(e.stream_id).encode(),
-                encode_envelope(e),
-                [
-                    ("event_type", e.event_type.encode()),
-                    ("schema_version", str(e.schema_version).encode()),
-                    ("position", str(e.position).encode()),
-                    ("log_position", str(e.log_position).encode()),
-                ],
-            )
-            for e in events
-        ]
+        values = [kafka_record(e) for e in events]
         del events
         # The 200,000 prepared envelopes live for the whole run: keep them out of the garbage
         # collector's way, or its full passes over them would be charged to whatever runs then.

@@ -234,3 +234,33 @@ def test_follower_is_woken_by_notify_not_the_poll(store: EventStore) -> None:
     store.append(uuid.uuid4(), "Ping", new_events(1), 0)  # wakes it to see the stop
     thread.join(timeout=10)
     assert not thread.is_alive()
+
+
+def test_a_stream_cannot_continue_in_an_older_transaction(store: EventStore, settings: Settings) -> None:
+    """The guard that keeps log order equal to version order: an older transaction may not follow."""
+    shared = uuid.uuid4()
+    with postgres_connection(settings, autocommit=True) as older, older.transaction():
+        store.append_in(older, [StreamAppend(uuid.uuid4(), "Other", 0, tuple(new_events(1)))])  # takes an id
+        store.append(shared, "Shared", new_events(1), 0)  # a younger transaction writes version 1
+        with pytest.raises(ConcurrencyError) as info:
+            store.append_in(older, [StreamAppend(shared, "Shared", 1, tuple(new_events(1)))])
+        assert info.value.stream_id == shared
+    assert [e.stream_version for e in store.read_stream(shared)] == [1]
+
+
+def test_follower_without_a_notification_still_sees_events_by_polling(
+    store: EventStore, settings: Settings
+) -> None:
+    follower = LogFollower(store, poll_interval=0.2)
+    stop = threading.Event()
+    received: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: [received.extend(b) for b in follower.batches(stop)], daemon=True
+    )
+    thread.start()
+    wait_until(lambda: follower.listening, what="the follower to listen")
+    with postgres_connection(settings, autocommit=True) as conn, conn.transaction():
+        store.append_in(conn, [StreamAppend(uuid.uuid4(), "Quiet", 0, tuple(new_events(2)))])  # no NOTIFY
+    wait_until(lambda: len(received) == 2, timeout=10, what="the poll to pick the events up")
+    stop.set()
+    thread.join(timeout=10)

@@ -35,6 +35,31 @@ log = logging.getLogger("datalayer.relay")
 _TOPIC_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
 
+# acks=all with idempotence: no loss and no reordering across the producer's own retries. Large
+# batches and a short linger for throughput; sends are retried for up to a minute before the
+# relay gives up on a batch and restarts from its checkpoint.
+PRODUCER_SETTINGS: dict[str, Any] = {
+    "acks": "all",
+    "enable_idempotence": True,
+    "linger_ms": 5,
+    "batch_size": 512 * 1024,
+    "max_request_size": 8 * 1024 * 1024,
+    "delivery_timeout_ms": 60_000,
+    "max_block_ms": 30_000,
+}
+
+
+def kafka_record(event: RecordedEvent) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+    """The record's key (the stream id), value (the envelope) and headers for one event."""
+    headers = [
+        ("event_type", event.event_type.encode()),
+        ("schema_version", b"%d" % event.schema_version),
+        ("position", b"%d" % event.position),
+        ("log_position", b"%d/%d" % (event.transaction_id, event.position)),
+    ]
+    return str(event.stream_id).encode(), encode_envelope(event), headers
+
+
 @dataclass(frozen=True)
 class RelayConfig:
     """How the relay names and creates topics, and how it batches."""
@@ -152,16 +177,7 @@ class Relay:
             poll_interval=self.config.poll_interval,
             report_idle=True,
         )
-        producer = KafkaProducer(
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            batch_size=512 * 1024,
-            max_request_size=8 * 1024 * 1024,
-            delivery_timeout_ms=60_000,
-            max_block_ms=30_000,
-            **self.kafka_config,
-        )
+        producer = KafkaProducer(**PRODUCER_SETTINGS, **self.kafka_config)
         admin = KafkaAdminClient(**self.kafka_config)
         in_flight: deque[_SentBatch] = deque()
         try:
@@ -187,17 +203,8 @@ class Relay:
         topic = self._topics.get(event.stream_type)
         if topic is None:
             topic = self._topics[event.stream_type] = self.config.topic_for(event.stream_type)
-        return producer.send(
-            topic,
-            key=str(event.stream_id).encode(),
-            value=encode_envelope(event),
-            headers=[
-                ("event_type", event.event_type.encode()),
-                ("schema_version", b"%d" % event.schema_version),
-                ("position", b"%d" % event.position),
-                ("log_position", b"%d/%d" % (event.transaction_id, event.position)),
-            ],
-        )
+        key, value, headers = kafka_record(event)
+        return producer.send(topic, key=key, value=value, headers=headers)
 
     def _settle(self, in_flight: deque[_SentBatch], *, wait: bool, everything: bool = False) -> None:
         """Checkpoint after the oldest batches Kafka has fully acknowledged; raise if a send failed.
