@@ -115,8 +115,9 @@ class OrdersApplication(Application[UUID]):
 class CommandResult:
     """What a handled command did to its main stream.
 
-    ``position`` is the highest notification id among the events saved, for read-your-writes: a reader
-    can wait until its projection has caught up to it. It is None when the command changed nothing.
+    ``position`` is the highest notification id (global position) among the events saved, None when
+    the command changed nothing. Positions are unique but not in commit order, so read-your-writes
+    should wait for ``stream_id`` at ``version`` rather than for a position.
     """
 
     stream_id: UUID
