@@ -200,11 +200,14 @@ class Relay:
             admin.close()
 
     def _send(self, producer: KafkaProducer, event: RecordedEvent) -> Any:
-        topic = self._topics.get(event.stream_type)
-        if topic is None:
-            topic = self._topics[event.stream_type] = self.config.topic_for(event.stream_type)
         key, value, headers = kafka_record(event)
-        return producer.send(topic, key=key, value=value, headers=headers)
+        return producer.send(self._topic(event.stream_type), key=key, value=value, headers=headers)
+
+    def _topic(self, stream_type: str) -> str:
+        topic = self._topics.get(stream_type)
+        if topic is None:
+            topic = self._topics[stream_type] = self.config.topic_for(stream_type)
+        return topic
 
     def _settle(self, in_flight: deque[_SentBatch], *, wait: bool, everything: bool = False) -> None:
         """Checkpoint after the oldest batches Kafka has fully acknowledged; raise if a send failed.
@@ -230,7 +233,7 @@ class Relay:
                 self.on_published(sent.events)
 
     def _ensure_topics(self, admin: KafkaAdminClient, stream_types: set[str]) -> None:
-        wanted = {self.config.topic_for(t) for t in stream_types} - self._known_topics
+        wanted = {self._topic(t) for t in stream_types} - self._known_topics
         if not wanted:
             return
         missing = wanted - set(admin.list_topics())
