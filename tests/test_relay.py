@@ -23,7 +23,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from datalayer.settings import Settings
 from eventstore import ConcurrencyError, EventMetadata, EventStore, NewEvent
-from eventstore.relay import EventEnvelope, Relay, RelayConfig
+from eventstore.relay import EventEnvelope, Relay, RelayConfig, load_checkpoint
 from tests import stack_control
 from tests.helpers import unique_name, wait_until
 
@@ -252,13 +252,9 @@ def import_streams(store: EventStore, streams: int, per_stream: int) -> int:
 
 
 def checkpointed(store: EventStore) -> int:
+    """Events the default relay has checkpointed as acknowledged by Kafka."""
     with store.pool.connection() as conn:
-        row = conn.execute(
-            psycopg.sql.SQL("SELECT published FROM {} WHERE relay_name = 'default'").format(
-                psycopg.sql.Identifier(store.schema, "relay_checkpoints")
-            )
-        ).fetchone()
-    return int(row[0]) if row else 0
+        return load_checkpoint(conn, store.schema, "default").published
 
 
 def test_relay_killed_mid_stream_resumes_without_loss(
