@@ -109,6 +109,50 @@ def _cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
         store.close()
 
 
+def _cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+    import signal
+    import threading
+
+    from consumers.runtime import ProjectionConsumer
+    from datalayer.wiring import KNOWN_PROJECTIONS, consumer_config, load_projection, target_for
+
+    names = args.projections or sorted(KNOWN_PROJECTIONS)
+    projections = [load_projection(name) for name in names]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    config = consumer_config(settings, max_batch=args.batch_size)
+    consumers = [
+        ProjectionConsumer(p, target_for(p, settings), settings.kafka_config(), config) for p in projections
+    ]
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    failures: list[BaseException] = []
+
+    def run(consumer: ProjectionConsumer) -> None:
+        try:
+            consumer.run(stop)
+        except BaseException as exc:
+            failures.append(exc)
+            stop.set()  # one projection failing stops the process, so a supervisor restarts it whole
+        finally:
+            consumer.target.close()
+
+    threads = [threading.Thread(target=run, args=(c,), name=c.projection.name) for c in consumers]
+    for thread in threads:
+        thread.start()
+    # Waiting on the event, not join(): the main thread must stay free to run the signal handler.
+    while not stop.wait(0.5):
+        if not any(t.is_alive() for t in threads):
+            break
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    return EXIT_OK
+
+
 def _schema_arg(value: str) -> str:
     from eventstore.store import validate_schema_name
 
@@ -162,6 +206,25 @@ def build_parser() -> argparse.ArgumentParser:
     relay.add_argument("--batch-size", type=int, default=5000, help="events per batch (default 5000)")
     relay.add_argument("--lag", action="store_true", help="print the relay's lag as JSON and exit")
     relay.set_defaults(handler=_cmd_relay)
+
+    consume = commands.add_parser(
+        "consume",
+        help="feed projections from Kafka into their read models (runs until SIGTERM)",
+        description="Run projections from their Kafka topics into their read models, one consumer group "
+        "per projection version. Each batch's writes, the last applied version of each stream and the Kafka "
+        "offsets commit together, so every event takes effect once, across crashes and rebalances. Run more "
+        "processes to share the partitions. Events a projection cannot apply go to DATALAYER_DEAD_LETTER_"
+        "TOPIC_PREFIX + projection name. SIGTERM finishes the batch in hand and exits 0.",
+        epilog="example: datalayer consume                # every known projection\n"
+        "         datalayer consume order_views    # one of them\n"
+        "         datalayer consume mypkg.views:Stats",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    consume.add_argument(
+        "projections", nargs="*", metavar="PROJECTION", help="names or module:Class (default: all known)"
+    )
+    consume.add_argument("--batch-size", type=int, default=1000, help="records per batch (default 1000)")
+    consume.set_defaults(handler=_cmd_consume)
 
     db = commands.add_parser(
         "db", help="the event store's schema", description="Manage the event store's schema."

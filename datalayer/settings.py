@@ -60,6 +60,11 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9._-]{0,200}$",
         description="letters, digits, '.', '_' and '-' (the relay appends the stream type)",
     )
+    dead_letter_topic_prefix: str = Field(
+        "datalayer.dlq.",
+        pattern=r"^[A-Za-z0-9._-]{0,200}$",
+        description="letters, digits, '.', '_' and '-' (consumers append the projection name)",
+    )
     topic_partitions: int = Field(6, ge=1, le=10_000, description="a whole number of partitions >= 1")
     topic_replication_factor: int = Field(1, ge=1, le=32, description="a replication factor >= 1")
 

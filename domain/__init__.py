@@ -32,7 +32,7 @@ from domain.errors import (
     PaymentMismatch,
     ReservationExceeded,
 )
-from domain.handlers import CommandHandlers, CommandResult, OrdersApplication
+from domain.handlers import CommandHandlers, CommandResult, OrdersApplication, StreamWrite
 from domain.order import Order, OrderLine, OrderStatus
 from domain.product import Product
 
@@ -72,4 +72,5 @@ __all__ = [
     "RemoveOrderLine",
     "ReservationExceeded",
     "ShipOrder",
+    "StreamWrite",
 ]

@@ -112,17 +112,28 @@ class OrdersApplication(Application[UUID]):
 
 
 @dataclass(frozen=True, slots=True)
+class StreamWrite:
+    """One stream a command appended to, and the version it reached: what read-your-writes waits for."""
+
+    stream_type: str
+    stream_id: UUID
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
 class CommandResult:
     """What a handled command did to its main stream.
 
     ``position`` is the highest notification id (global position) among the events saved, None when
     the command changed nothing. Positions are unique but not in commit order, so read-your-writes
-    should wait for ``stream_id`` at ``version`` rather than for a position.
+    waits for streams at versions instead: ``written`` lists every stream the command appended to
+    (an order and the products it reserved), each at its new version.
     """
 
     stream_id: UUID
     version: int
     position: int | None
+    written: tuple[StreamWrite, ...] = ()
 
 
 # The main aggregate (whose id and version the result reports) and every aggregate to save.
@@ -319,7 +330,12 @@ class CommandHandlers:
                 self._sleep(self.backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
                 continue
             position = max((r.notification.id for r in recordings), default=None)
-            return CommandResult(stream_id=main.id, version=main.version, position=position)
+            written = tuple(
+                StreamWrite(type(a).__name__, a.id, a.version)
+                for a in aggregates
+                if any(r.domain_event.originator_id == a.id for r in recordings)
+            )
+            return CommandResult(main.id, main.version, position, written)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
 

@@ -10,7 +10,6 @@ may be published twice, never skipped.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections import deque
@@ -21,19 +20,16 @@ from typing import Any
 
 import psycopg
 from kafka import KafkaAdminClient, KafkaProducer
-from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import KafkaError
 
 from eventstore.follow import LogFollower
 from eventstore.records import RecordedEvent
 from eventstore.relay.checkpoint import RelayLag, load_checkpoint, read_lag, save_checkpoint
 from eventstore.relay.envelope import encode_envelope
+from eventstore.relay.topics import create_missing_topics, topic_for
 from eventstore.store import EventStore
 
 log = logging.getLogger("datalayer.relay")
-
-_TOPIC_CHARS = re.compile(r"[^A-Za-z0-9._-]")
-
 
 # acks=all with idempotence: no loss and no reordering across the producer's own retries. Large
 # batches and a short linger for throughput; sends are retried for up to a minute before the
@@ -77,7 +73,7 @@ class RelayConfig:
 
     def topic_for(self, stream_type: str) -> str:
         """``prefix + stream type``, with characters Kafka does not allow replaced by ``_``."""
-        return (self.topic_prefix + _TOPIC_CHARS.sub("_", stream_type))[:249]
+        return topic_for(self.topic_prefix, stream_type)
 
 
 class LeadershipLost(Exception):
@@ -236,22 +232,9 @@ class Relay:
         wanted = {self._topic(t) for t in stream_types} - self._known_topics
         if not wanted:
             return
-        missing = wanted - set(admin.list_topics())
-        if missing:
-            try:
-                admin.create_topics(
-                    [
-                        NewTopic(
-                            t,
-                            num_partitions=self.config.partitions,
-                            replication_factor=self.config.replication_factor,
-                        )
-                        for t in sorted(missing)
-                    ]
-                )
-                log.info("relay %s: created topics %s", self.config.name, ", ".join(sorted(missing)))
-            except TopicAlreadyExistsError:
-                pass  # another relay (or an operator) made it meanwhile
+        created = create_missing_topics(admin, wanted, self.config.partitions, self.config.replication_factor)
+        if created:
+            log.info("relay %s: created topics %s", self.config.name, ", ".join(sorted(created)))
         self._known_topics |= wanted
 
 

@@ -1,0 +1,268 @@
+"""The Kafka consumer runtime: feeds one projection from its topics, exactly once per event.
+
+The offsets that count are the ones the target stores with its writes. On every partition
+assignment the consumer seeks to them, so a crash or a rebalance resumes exactly after the last
+committed batch; the group's own committed offsets are written too, but only so that standard
+tools can show the lag. Records Kafka delivers twice (the relay publishes at least once) are
+skipped by the per-stream versions in the target.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import redis.exceptions
+import sqlalchemy.exc
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.structs import OffsetAndMetadata
+
+from consumers.dead_letters import DEAD_LETTER_PRODUCER_SETTINGS, KafkaDeadLetters, dead_letter_topic
+from eventstore.relay.topics import create_missing_topics, topic_for
+from projections.events import MalformedEvent, event_from_envelope
+from projections.projection import Projection
+from projections.runner import BatchOutcome, SourceItem, apply_batch
+from projections.target import ProjectionTarget
+
+log = logging.getLogger("datalayer.consumer")
+
+# Errors that a server coming back mends: the batch is retried with backoff.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+    KafkaError,
+    OSError,
+)
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    """How a projection consumer names its group and topics, batches, and retries."""
+
+    topic_prefix: str = "datalayer.events."
+    dead_letter_prefix: str = "datalayer.dlq."
+    partitions: int = 6
+    replication_factor: int = 1
+    group_id: str | None = None
+    max_batch: int = 1000
+    poll_timeout_ms: int = 200
+    max_retries: int = 10
+    initial_backoff: float = 0.2
+    max_backoff: float = 5.0
+
+    def group_for(self, projection: Projection[Any]) -> str:
+        """One consumer group per projection version: ``datalayer.projection.order_views_v1``."""
+        return self.group_id or f"datalayer.projection.{projection.qualified_name}"
+
+
+@dataclass
+class ConsumerStats:
+    """Running totals, for logs, tests and the status command."""
+
+    batches: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    retries: int = 0
+    assigned: set[TopicPartition] = field(default_factory=set)
+
+    def add(self, outcome: BatchOutcome) -> None:
+        self.batches += 1
+        self.applied += outcome.applied
+        self.duplicates += outcome.duplicates
+        self.dead_letters += len(outcome.dead_letters)
+
+
+class ProjectionConsumer:
+    """Runs ``projection`` into ``target`` from Kafka until :meth:`run`'s ``stop`` is set.
+
+    Run several processes with the same projection to share its partitions: the group assigns
+    each partition to one of them, and a rebalance hands it over at the target's checkpoint.
+    """
+
+    def __init__(
+        self,
+        projection: Projection[Any],
+        target: ProjectionTarget[Any],
+        kafka_config: dict[str, Any],
+        config: ConsumerConfig | None = None,
+    ) -> None:
+        self.projection = projection
+        self.target = target
+        self.kafka_config = kafka_config
+        self.config = config or ConsumerConfig()
+        self.topics = sorted({topic_for(self.config.topic_prefix, t) for t in projection.stream_types})
+        self.dead_letter_topic = dead_letter_topic(self.config.dead_letter_prefix, projection.name)
+        self.stats = ConsumerStats()
+        self.running = threading.Event()
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume, apply and checkpoint batches; return after the batch in hand when ``stop`` is set.
+
+        Transient failures (a server restarting) are retried with backoff, ``max_retries`` times in
+        a row; after that, or on any other error, it raises with nothing half-applied.
+        """
+        self.target.setup()
+        self._create_topics()
+        producer = KafkaProducer(**DEAD_LETTER_PRODUCER_SETTINGS, **self.kafka_config)
+        consumer = KafkaConsumer(
+            **self.kafka_config,
+            group_id=self.config.group_for(self.projection),
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.config.max_batch,
+        )
+        sink = KafkaDeadLetters(producer, self.dead_letter_topic, self.projection.name)
+        try:
+            self._await_topic_metadata(consumer, stop)
+            consumer.subscribe(self.topics, listener=_SeekToTargetCheckpoints(self, consumer))
+            self.running.set()
+            log.info("consumer %s: consuming %s", self.projection.qualified_name, ", ".join(self.topics))
+            while not stop.is_set():
+                polled = consumer.poll(timeout_ms=self.config.poll_timeout_ms)
+                if not polled:
+                    continue
+                items, checkpoints, offsets = _read(polled)
+                try:
+                    outcome = self._apply(items, checkpoints, sink, stop)
+                except _Stopped:
+                    break
+                self.stats.add(outcome)
+                # Only for lag tools: the offsets that matter were committed with the batch.
+                consumer.commit_async(offsets=offsets)
+        finally:
+            self.running.clear()
+            consumer.close(autocommit=False)
+            producer.close(timeout=10)
+
+    def _apply(
+        self,
+        items: Sequence[SourceItem],
+        checkpoints: dict[str, str],
+        sink: KafkaDeadLetters,
+        stop: threading.Event,
+    ) -> BatchOutcome:
+        backoff = self.config.initial_backoff
+        for attempt in range(1, self.config.max_retries + 2):
+            try:
+                return apply_batch(self.projection, self.target, items, checkpoints, sink)
+            except TRANSIENT_ERRORS as exc:
+                if attempt > self.config.max_retries:
+                    raise
+                self.stats.retries += 1
+                log.warning(
+                    "consumer %s: %s: %s; retrying the batch in %.1f s (%d/%d)",
+                    self.projection.qualified_name,
+                    type(exc).__name__,
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+                    backoff,
+                    attempt,
+                    self.config.max_retries,
+                )
+                # Giving up on stop is fine: the batch is simply not applied, and whoever owns
+                # these partitions next starts from the target's checkpoint.
+                if stop.wait(backoff):
+                    raise _Stopped from exc
+                backoff = min(backoff * 2, self.config.max_backoff)
+        raise AssertionError("unreachable")
+
+    def _await_topic_metadata(self, consumer: KafkaConsumer, stop: threading.Event) -> None:
+        # A group joined before the client knows a just-created topic's partitions assigns none of
+        # them, and notices only at the next metadata refresh (minutes): know them all first.
+        deadline = time.monotonic() + 60
+        while not stop.is_set():
+            missing = [t for t in self.topics if not consumer.partitions_for_topic(t)]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise KafkaTimeoutError(f"no partition metadata for {', '.join(missing)} after 60 s")
+            stop.wait(0.1)
+
+    def _create_topics(self) -> None:
+        admin = KafkaAdminClient(**self.kafka_config)
+        try:
+            create_missing_topics(
+                admin, [*self.topics], self.config.partitions, self.config.replication_factor
+            )
+            # One partition is enough: dead letters are rare and read by people, in order.
+            create_missing_topics(admin, [self.dead_letter_topic], 1, self.config.replication_factor)
+        finally:
+            admin.close()
+
+    def seek_to_checkpoints(self, consumer: KafkaConsumer, assigned: Sequence[TopicPartition]) -> None:
+        """Position each newly assigned partition just after the target's last committed batch."""
+        stored = self._read_checkpoints()
+        for tp in assigned:
+            position = stored.get(f"{tp.topic}:{tp.partition}")
+            if position is None:
+                consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, int(position))
+        self.stats.assigned |= set(assigned)
+        log.info(
+            "consumer %s: assigned %s",
+            self.projection.qualified_name,
+            ", ".join(f"{tp.topic}:{tp.partition}" for tp in sorted(assigned)) or "nothing",
+        )
+
+    def _read_checkpoints(self) -> dict[str, str]:
+        # If the target stays unreachable, the error reaches kafka-python, which logs it and falls
+        # back to the group's committed offsets: never ahead of the target's, so still exact.
+        backoff = self.config.initial_backoff
+        for attempt in range(1, self.config.max_retries + 2):
+            try:
+                return self.target.checkpoints()
+            except TRANSIENT_ERRORS as exc:
+                if attempt > self.config.max_retries:
+                    raise
+                log.warning("consumer %s: reading checkpoints: %s; retrying", self.projection.name, exc)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, self.config.max_backoff)
+        raise AssertionError("unreachable")
+
+
+class _Stopped(Exception):
+    """Stop was requested while a failed batch waited to be retried."""
+
+
+class _SeekToTargetCheckpoints(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: ProjectionConsumer, consumer: KafkaConsumer) -> None:
+        self.owner = owner
+        self.consumer = consumer
+
+    def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        # Nothing to flush: every batch is committed to the target before the next poll.
+        self.owner.stats.assigned -= set(revoked)
+
+    def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        self.owner.seek_to_checkpoints(self.consumer, assigned)
+
+
+def _read(
+    polled: dict[TopicPartition, list[Any]],
+) -> tuple[list[SourceItem], dict[str, str], dict[TopicPartition, OffsetAndMetadata]]:
+    """Parse a poll's records into source items, and the next offset of each partition."""
+    items: list[SourceItem] = []
+    checkpoints: dict[str, str] = {}
+    offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+    for tp, records in polled.items():
+        for record in records:
+            try:
+                items.append(SourceItem(event_from_envelope(record.value), record))
+            except MalformedEvent as exc:
+                items.append(SourceItem(None, record, exc))
+        next_offset = records[-1].offset + 1
+        checkpoints[f"{tp.topic}:{tp.partition}"] = str(next_offset)
+        offsets[tp] = OffsetAndMetadata(next_offset, "", -1)
+    return items, checkpoints, offsets

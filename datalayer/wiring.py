@@ -1,0 +1,65 @@
+"""From names and settings to running parts: which projections exist, and their targets and consumers.
+
+The packages take clients as arguments; this module is where the CLI builds those clients from
+:class:`~datalayer.settings.Settings`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from sqlalchemy import Engine
+
+from consumers.runtime import ConsumerConfig
+from datalayer.settings import Settings
+from projections.projection import Projection
+from projections.target import ProjectionTarget
+
+# The projections shipped with datalayer; any other is named as ``package.module:Class``.
+KNOWN_PROJECTIONS: dict[str, str] = {
+    "order_views": "projections.orders:OrderViews",
+    "order_cache": "projections.orders:OrderCache",
+}
+
+
+def load_projection(name: str) -> Projection[Any]:
+    """The projection called ``name`` (see ``KNOWN_PROJECTIONS``) or at ``module:Class``."""
+    path = KNOWN_PROJECTIONS.get(name, name)
+    module_name, _, class_name = path.partition(":")
+    if not class_name:
+        known = ", ".join(sorted(KNOWN_PROJECTIONS))
+        raise ValueError(f"unknown projection {name!r}: use one of {known}, or package.module:Class")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot load projection {name!r}: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Projection)):
+        raise ValueError(f"{path} is not a Projection class")
+    projection: Projection[Any] = cls()
+    return projection
+
+
+def target_for(
+    projection: Projection[Any], settings: Settings, engine: Engine | None = None
+) -> ProjectionTarget[Any]:
+    """Where a projection writes: PostgreSQL for a ``SqlProjection``, Redis for a ``RedisProjection``."""
+    from datalayer.clients import postgres_engine, redis_client
+    from projections.targets import PostgresTarget, RedisProjection, RedisTarget, SqlProjection
+
+    if isinstance(projection, SqlProjection):
+        return PostgresTarget(engine or postgres_engine(settings, pool_pre_ping=True), projection)
+    if isinstance(projection, RedisProjection):
+        return RedisTarget(redis_client(settings), projection)
+    raise ValueError(f"projection {projection.name} has no known target type")
+
+
+def consumer_config(settings: Settings, **overrides: Any) -> ConsumerConfig:
+    """The consumer runtime's configuration from the topic settings."""
+    return ConsumerConfig(
+        topic_prefix=settings.topic_prefix,
+        dead_letter_prefix=settings.dead_letter_topic_prefix,
+        partitions=settings.topic_partitions,
+        replication_factor=settings.topic_replication_factor,
+        **overrides,
+    )

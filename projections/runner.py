@@ -1,0 +1,167 @@
+"""The one code path that applies events to a projection's target, live (Kafka) or replayed (store).
+
+For each batch: read the streams' applied versions, then per event skip a duplicate, dead-letter a
+gap or a malformed event, run the handler (dead-letter it if it raises), and commit the writes,
+versions and checkpoints in one transaction. Dead letters are handed over before that commit, so
+a crash in between re-delivers them rather than losing them.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from projections.events import MalformedEvent, ProjectedEvent
+from projections.projection import Projection
+from projections.target import BatchConflict, ProjectionTarget
+
+log = logging.getLogger("datalayer.projections")
+
+W = TypeVar("W")
+
+MAX_CONFLICT_RETRIES = 5
+
+
+@dataclass(slots=True)
+class SourceItem:
+    """One record from a source: the event (None if it could not be parsed), its parse error, the original."""
+
+    event: ProjectedEvent | None
+    original: Any
+    error: MalformedEvent | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An event the projection could not apply, and why.
+
+    ``reason``: ``poison`` (the handler raised), ``version_gap`` (versions missing before it), or a
+    :class:`MalformedEvent` reason. ``original`` is the source's record, kept whole.
+    """
+
+    reason: str
+    error: str
+    event: ProjectedEvent | None
+    original: Any
+
+
+DeadLetterSink = Callable[[Sequence[DeadLetter]], None]
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    """What a batch did: events applied (handled or not), duplicates skipped, dead letters."""
+
+    applied: int = 0
+    duplicates: int = 0
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    versions: dict[str, int] = field(default_factory=dict)
+
+
+def apply_batch(
+    projection: Projection[W],
+    target: ProjectionTarget[W],
+    items: Sequence[SourceItem],
+    checkpoints: Mapping[str, str],
+    dead_letters: DeadLetterSink,
+) -> BatchOutcome:
+    """Apply ``items`` in order and store ``checkpoints`` with them, exactly once per event.
+
+    Retries the whole batch if another process applied some of the same streams meanwhile.
+    """
+    for attempt in range(1, MAX_CONFLICT_RETRIES + 1):
+        try:
+            return _apply_once(projection, target, items, checkpoints, dead_letters)
+        except BatchConflict:
+            if attempt == MAX_CONFLICT_RETRIES:
+                raise
+            log.info("projection %s: batch conflicted with another process, retrying", projection.name)
+    raise AssertionError("unreachable")
+
+
+def _apply_once(
+    projection: Projection[W],
+    target: ProjectionTarget[W],
+    items: Sequence[SourceItem],
+    checkpoints: Mapping[str, str],
+    dead_letters: DeadLetterSink,
+) -> BatchOutcome:
+    outcome = BatchOutcome()
+    decoder = projection.decoder
+    initial = projection.initial_version
+    with target.batch() as batch:
+        stream_ids = {item.event.stream_id for item in items if item.event is not None}
+        applied = batch.applied_versions(stream_ids) if stream_ids else {}
+        versions = outcome.versions
+        writes = batch.writes
+        dead = outcome.dead_letters
+        for item in items:
+            event = item.event
+            if event is None:
+                error = item.error or MalformedEvent("bad_envelope", "unreadable record")
+                dead.append(DeadLetter(error.reason, str(error), None, item.original))
+                continue
+            sid = event.stream_id
+            last = versions.get(sid)
+            if last is None:
+                last = applied.get(sid)
+            version = event.stream_version
+            if last is not None and version <= last:
+                outcome.duplicates += 1
+                continue
+            expected = initial if last is None else last + 1
+            if version != expected:
+                dead.append(
+                    DeadLetter(
+                        "version_gap",
+                        f"stream {sid} expected version {expected}, got {version}",
+                        event,
+                        item.original,
+                    )
+                )
+                continue
+            # From here the event counts as applied: a malformed or poison event is dead-lettered
+            # and the stream moves past it, so the events after it still apply.
+            versions[sid] = version
+            outcome.applied += 1
+            if item.error is not None:
+                dead.append(DeadLetter(item.error.reason, str(item.error), event, item.original))
+                continue
+            handler = projection.handler_for(event.event_type)
+            try:
+                decoder.check(event)
+                if handler is None:
+                    continue
+                decoder.bind(event)
+                event.data  # noqa: B018 -- decoded up front, so a bad payload is named as such
+            except MalformedEvent as exc:
+                dead.append(DeadLetter(exc.reason, str(exc), event, item.original))
+                continue
+            batch.start_event()
+            try:
+                handler(event, writes)
+            except MalformedEvent as exc:
+                batch.drop_event()
+                dead.append(DeadLetter(exc.reason, str(exc), event, item.original))
+                continue
+            except Exception as exc:
+                batch.drop_event()
+                detail = "".join(traceback.format_exception_only(exc)).strip()
+                dead.append(DeadLetter("poison", detail, event, item.original))
+                log.warning(
+                    "projection %s: %s v%d (%s) dead-lettered: %s",
+                    projection.name,
+                    sid,
+                    version,
+                    event.event_type,
+                    detail,
+                )
+                continue
+            batch.keep_event()
+        if dead:
+            dead_letters(dead)
+        batch.commit(versions, checkpoints)
+    return outcome

@@ -1,0 +1,496 @@
+"""PostgreSQL as a projection target: the read model's tables in a schema of their own.
+
+Each projection version lives in its own schema (``order_views_v1``), with its stream versions and
+source checkpoints beside its tables, so a rebuild into a new schema carries its own bookkeeping.
+A batch is one transaction: the stream versions are read ``FOR UPDATE``, the handlers' coalesced
+writes are flushed as one multi-row statement per table and column set, then everything commits.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from functools import partial
+from typing import Any, ClassVar
+from uuid import UUID
+
+from sqlalchemy import (
+    ARRAY,
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Date,
+    DateTime,
+    Engine,
+    Enum,
+    Executable,
+    Float,
+    Integer,
+    Interval,
+    LargeBinary,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    Text,
+    Time,
+    TypeDecorator,
+    Uuid,
+    and_,
+    any_,
+    bindparam,
+    delete,
+    func,
+    literal,
+    select,
+    tuple_,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.schema import CreateSchema, DropSchema
+
+from projections.projection import Projection
+from projections.target import BatchConflict, TargetBatch
+from projections.targets.sql_writes import Change, Key, Row, SqlWrites, TableSpec, as_uuid
+
+__all__ = ["PostgresTarget", "SqlProjection", "SqlWrites"]
+
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_]{1,63}")
+
+# unique_violation, serialization_failure, deadlock_detected: another process got there first.
+_UNIQUE_VIOLATION = "23505"
+_RETRYABLE = frozenset({"40001", "40P01"})
+
+# Column types whose values travel safely as one array parameter per column (unnest); others, such
+# as arrays (unnest would flatten them) or enums (their type name is schema-bound), use executemany.
+_ARRAY_SAFE = (
+    String,
+    Integer,
+    Numeric,
+    Float,
+    Boolean,
+    Date,
+    DateTime,
+    Time,
+    Interval,
+    Uuid,
+    JSON,
+    LargeBinary,
+)
+_ARRAY_UNSAFE = (ARRAY, Enum, TypeDecorator)
+
+
+class SqlProjection(Projection[SqlWrites]):
+    """Base class of projections into PostgreSQL.
+
+    ``metadata`` holds the read model's tables, defined without a schema (the target places them in
+    the projection's). ``prefetch`` names tables keyed by the stream id alone: a batch loads their
+    rows for all its streams in one query, so ``writes.get()`` on them costs no round trip.
+    """
+
+    metadata: ClassVar[MetaData]
+    prefetch: ClassVar[tuple[str, ...]] = ()
+
+
+_BOOKKEEPING = MetaData()
+_versions = Table(
+    "projection_stream_versions",
+    _BOOKKEEPING,
+    Column("stream_id", Uuid, primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), server_default=func.now()),
+)
+_checkpoints = Table(
+    "projection_checkpoints",
+    _BOOKKEEPING,
+    Column("source", Text, primary_key=True),
+    Column("position", Text, nullable=False),
+    Column("updated_at", DateTime(timezone=True), server_default=func.now()),
+)
+
+_select_versions = (
+    select(_versions.c.stream_id, _versions.c.version)
+    .where(_versions.c.stream_id == any_(bindparam("ids", type_=ARRAY(Uuid))))
+    .order_by(_versions.c.stream_id)  # lock in one order everywhere: no deadlock between processes
+    .with_for_update()
+)
+_select_version = select(_versions.c.version).where(_versions.c.stream_id == bindparam("id", type_=Uuid))
+_version_rows = select(
+    func.unnest(bindparam("ids", type_=ARRAY(Uuid))),
+    func.unnest(bindparam("versions", type_=ARRAY(BigInteger))),
+)
+# New streams are plainly inserted: a concurrent insert of the same stream is a unique violation,
+# never a silent overwrite. Streams read (and locked) by applied_versions() are updated.
+_insert_versions = pg_insert(_versions).from_select(["stream_id", "version"], _version_rows)
+_update_versions = (
+    pg_insert(_versions)
+    .from_select(["stream_id", "version"], _version_rows)
+    .on_conflict_do_update(
+        index_elements=[_versions.c.stream_id],
+        set_={"version": pg_insert(_versions).excluded.version, "updated_at": func.now()},
+    )
+)
+_upsert_checkpoints = (
+    pg_insert(_checkpoints)
+    .from_select(
+        ["source", "position"],
+        select(
+            func.unnest(bindparam("sources", type_=ARRAY(Text))),
+            func.unnest(bindparam("positions", type_=ARRAY(Text))),
+        ),
+    )
+    .on_conflict_do_update(
+        index_elements=[_checkpoints.c.source],
+        set_={"position": pg_insert(_checkpoints).excluded.position, "updated_at": func.now()},
+    )
+)
+_select_checkpoints = select(_checkpoints.c.source, _checkpoints.c.position)
+
+
+def check_schema_name(schema: str) -> str:
+    """``schema`` if it is a usable PostgreSQL schema name, else a ValueError saying why."""
+    if not _SCHEMA_NAME.fullmatch(schema):
+        raise ValueError(f"schema name {schema!r}: use 1-63 ASCII letters, digits and underscores")
+    if schema.lower().startswith("pg_"):
+        raise ValueError(f"schema name {schema!r}: the pg_ prefix is reserved by PostgreSQL")
+    return schema
+
+
+class PostgresTarget:
+    """The :class:`~projections.target.ProjectionTarget` of a :class:`SqlProjection`, in one schema.
+
+    ``schema`` defaults to the projection's qualified name (``order_views_v1``).
+    """
+
+    def __init__(self, engine: Engine, projection: SqlProjection, schema: str | None = None) -> None:
+        metadata = getattr(type(projection), "metadata", None)
+        if not isinstance(metadata, MetaData):
+            raise TypeError(f"projection {type(projection).__name__} must set metadata to a MetaData")
+        self.engine = engine
+        self.projection = projection
+        self.schema = check_schema_name(schema if schema is not None else projection.qualified_name)
+        self._translate = {"schema_translate_map": {None: self.schema}}
+        self._specs: dict[Table, TableSpec] = {}
+        for index, table in enumerate(metadata.sorted_tables):
+            if table.schema is not None:
+                raise ValueError(f"table {table.name!r} must not set a schema: the target chooses it")
+            if table.name in _BOOKKEEPING.tables:
+                raise ValueError(f"table name {table.name!r} is reserved for the target's bookkeeping")
+            self._specs[table] = TableSpec(table, index)
+        self._prefetch = [self._prefetch_spec(name, metadata) for name in type(projection).prefetch]
+        self._statements: dict[Any, Any] = {}
+
+    def _prefetch_spec(self, name: str, metadata: MetaData) -> TableSpec:
+        table = metadata.tables.get(name)
+        if table is None:
+            raise ValueError(f"prefetch table {name!r} is not in the projection's metadata")
+        spec = self._specs[table]
+        if spec.pk0 is None:
+            raise ValueError(f"prefetch table {name!r} must have a one-column primary key (the stream id)")
+        return spec
+
+    def setup(self) -> None:
+        """Create the schema, the read model's tables and the bookkeeping tables; safe to race."""
+        with self.engine.begin() as conn:
+            # Two processes creating the same schema at once would collide in the catalogs.
+            lock_key = func.hashtextextended(literal(f"datalayer.projection_schema:{self.schema}"), 0)
+            conn.execute(select(func.pg_advisory_xact_lock(lock_key)))
+            conn.execute(CreateSchema(self.schema, if_not_exists=True))
+            conn.execution_options(**self._translate)
+            self.projection.metadata.create_all(conn, checkfirst=True)
+            _BOOKKEEPING.create_all(conn, checkfirst=True)
+
+    def drop(self) -> None:
+        """Drop the schema with everything in it."""
+        with self.engine.begin() as conn:
+            conn.execute(DropSchema(self.schema, cascade=True, if_exists=True))
+
+    @contextmanager
+    def batch(self) -> Iterator[TargetBatch[SqlWrites]]:
+        """One transaction; it commits only through the batch's ``commit``."""
+        with self.engine.connect() as conn:
+            conn.execution_options(**self._translate)
+            conn.begin()
+            try:
+                yield _PostgresBatch(self, conn)
+            finally:
+                if conn.in_transaction():
+                    conn.rollback()
+
+    def checkpoints(self) -> dict[str, str]:
+        """Every stored checkpoint: source -> position."""
+        with self.engine.connect() as conn:
+            conn.execution_options(**self._translate)
+            return {source: position for source, position in conn.execute(_select_checkpoints)}
+
+    def applied_version(self, stream_id: str) -> int | None:
+        """The last applied version of ``stream_id`` (a UUID string), or None."""
+        with self.engine.connect() as conn:
+            conn.execution_options(**self._translate)
+            version: int | None = conn.execute(_select_version, {"id": UUID(stream_id)}).scalar()
+            return version
+
+    def close(self) -> None:
+        """Nothing to release: the engine belongs to the caller."""
+
+    def _statement(self, key: Any, build: Any) -> Any:
+        """A statement built once per target: ``build()`` on first use of ``key``."""
+        found = self._statements.get(key)
+        if found is None:
+            found = self._statements[key] = build()
+        return found
+
+
+class _PostgresBatch:
+    """One open batch on one connection, in a transaction the target's context manager ends."""
+
+    def __init__(self, target: PostgresTarget, conn: Connection) -> None:
+        self._target = target
+        self._conn = conn
+        self._writes = SqlWrites(target._specs, self._load_row)
+        self._locked: set[str] = set()
+
+    @property
+    def writes(self) -> SqlWrites:
+        return self._writes
+
+    def applied_versions(self, stream_ids: Collection[str]) -> dict[str, int]:
+        ids = [as_uuid(sid) for sid in stream_ids]
+        try:
+            rows = self._conn.execute(_select_versions, {"ids": ids}).all()
+        except DBAPIError as exc:
+            if _retryable(exc):
+                raise BatchConflict(f"concurrent batch: {exc.orig}") from exc
+            raise
+        applied = {str(sid): version for sid, version in rows}
+        self._locked.update(applied)
+        for spec in self._target._prefetch:
+            self._prefetch(spec, ids)
+        return applied
+
+    def start_event(self) -> None:
+        self._writes.start_event()
+
+    def keep_event(self) -> None:
+        self._writes.keep_event()
+
+    def drop_event(self) -> None:
+        self._writes.drop_event()
+
+    def commit(self, versions: Mapping[str, int], checkpoints: Mapping[str, str]) -> None:
+        conn = self._conn
+        try:
+            # Versions first: a batch that lost the race fails before flushing anything.
+            self._write_versions(versions)
+            _flush(self._target, conn, self._writes)
+            if checkpoints:
+                conn.execute(
+                    _upsert_checkpoints,
+                    {"sources": list(checkpoints), "positions": list(checkpoints.values())},
+                )
+            conn.commit()
+        except BatchConflict:
+            conn.rollback()
+            raise
+        except DBAPIError as exc:
+            conn.rollback()
+            if _retryable(exc):
+                raise BatchConflict(f"concurrent batch: {exc.orig}") from exc
+            raise
+
+    def _write_versions(self, versions: Mapping[str, int]) -> None:
+        locked = self._locked
+        # Canonical UUID strings sort like the UUIDs, and much faster.
+        new = [(as_uuid(sid), v) for sid, v in sorted(versions.items()) if sid not in locked]
+        known = [(as_uuid(sid), v) for sid, v in sorted(versions.items()) if sid in locked]
+        if known:
+            self._conn.execute(_update_versions, _columns(known, "ids", "versions"))
+        if new:
+            try:
+                self._conn.execute(_insert_versions, _columns(new, "ids", "versions"))
+            except DBAPIError as exc:
+                if getattr(exc.orig, "sqlstate", None) == _UNIQUE_VIOLATION:
+                    raise BatchConflict("another process applied new streams of this batch first") from exc
+                raise
+
+    def _prefetch(self, spec: TableSpec, stream_ids: Sequence[UUID]) -> None:
+        normalize = spec.normalizers[0]
+        ids: list[Any] = list(stream_ids) if normalize is not None else [str(sid) for sid in stream_ids]
+        table = spec.table
+        stmt = self._target._statement(
+            ("prefetch", spec),
+            lambda: select(table).where(
+                table.c[spec.pk[0]] == any_(bindparam("ids", type_=ARRAY(table.c[spec.pk[0]].type)))
+            ),
+        )
+        found: dict[Key, Row | None] = dict.fromkeys(ids)
+        names = spec.column_names
+        pk0 = spec.pk[0]
+        for values in self._conn.execute(stmt, {"ids": ids}):
+            row = dict(zip(names, values, strict=True))
+            key = row[pk0]
+            found[key if normalize is None else normalize(key)] = row
+        self._writes.preload(table, found)
+
+    def _load_row(self, spec: TableSpec, key: Key) -> Row | None:
+        table = spec.table
+
+        def build() -> Executable:
+            return select(table).where(
+                and_(*(table.c[name] == bindparam(f"k{i}") for i, name in enumerate(spec.pk)))
+            )
+
+        stmt = self._target._statement(("load", spec), build)
+        parts = (key,) if spec.pk0 is not None else key
+        values = self._conn.execute(stmt, {f"k{i}": part for i, part in enumerate(parts)}).first()
+        return None if values is None else dict(zip(spec.column_names, values, strict=True))
+
+
+def _retryable(exc: DBAPIError) -> bool:
+    """A deadlock or serialization failure: running the whole batch again resolves it."""
+    return getattr(exc.orig, "sqlstate", None) in _RETRYABLE
+
+
+def _columns(rows: list[tuple[Any, Any]], first: str, second: str) -> dict[str, list[Any]]:
+    return {first: [row[0] for row in rows], second: [row[1] for row in rows]}
+
+
+# --- flushing the coalesced writes ---
+
+Signature = tuple[frozenset[str], frozenset[str], frozenset[str]]
+
+
+def _flush(target: PostgresTarget, conn: Connection, writes: SqlWrites) -> None:
+    """Deletes, then one insert-or-update per column signature, for each table in dependency order."""
+    for spec, changes in writes.pending():
+        deleted = [key for key, change in changes.items() if change.deleted]
+        if deleted:
+            _sort(spec, deleted, pairs=False)
+            stmt = target._statement(("delete", spec), partial(_delete_statement, spec))
+            conn.execute(stmt, {"keys": deleted})
+        groups: dict[Signature, list[tuple[Key, Change]]] = {}
+        odd: list[tuple[Key, Change]] = []
+        for key, change in changes.items():
+            if not change.exists:
+                continue
+            values = change.values
+            adds = change.adds
+            # An increment default later incremented inserts default + amount but adds only the
+            # amount: `excluded.col` cannot express that, so such rows get a statement each.
+            if adds and any(values[column] != amount for column, amount in adds.items()):
+                odd.append((key, change))
+                continue
+            signature = (frozenset(values), frozenset(change.sets), frozenset(adds))
+            group = groups.get(signature)
+            if group is None:
+                groups[signature] = [(key, change)]
+            else:
+                group.append((key, change))
+        # Plain upserts before increments; rows in key order so that concurrent batches lock alike.
+        for signature in sorted(groups, key=lambda s: bool(s[2])):
+            rows = groups[signature]
+            _sort(spec, rows, pairs=True)
+            _upsert_group(target, conn, spec, signature, rows)
+        for key, change in odd:
+            conn.execute(_single_upsert(spec, key, change))
+
+
+def _sort(spec: TableSpec, items: list[Any], pairs: bool) -> None:
+    """Sort keys, or (key, change) pairs, so that concurrent batches lock rows in the same order."""
+    if spec.pk0 is not None and spec.normalizers[0] is as_uuid:
+        items.sort(key=_pair_uuid_order if pairs else _uuid_order)  # UUID comparisons are slow
+        return
+    with suppress(TypeError):  # keys of mixed types: any order is correct, only less deadlock-proof
+        items.sort()
+
+
+def _uuid_order(key: UUID) -> int:
+    return key.int
+
+
+def _pair_uuid_order(pair: tuple[UUID, Change]) -> int:
+    return pair[0].int
+
+
+def _delete_statement(spec: TableSpec) -> Executable:
+    table = spec.table
+    if spec.pk0 is not None:
+        column = table.c[spec.pk0]
+        return delete(table).where(column == any_(bindparam("keys", type_=ARRAY(column.type))))
+    columns = [table.c[name] for name in spec.pk]
+    return delete(table).where(tuple_(*columns).in_(bindparam("keys", expanding=True)))
+
+
+def _upsert_group(
+    target: PostgresTarget,
+    conn: Connection,
+    spec: TableSpec,
+    signature: Signature,
+    rows: list[tuple[Key, Change]],
+) -> None:
+    stmt, columns, as_arrays = target._statement(
+        (spec, signature), partial(_upsert_statement, spec, signature)
+    )
+    pk_index = {name: i for i, name in enumerate(spec.pk)}
+    single = spec.pk0 is not None
+    arrays: list[list[Any]] = []
+    for name in columns:
+        i = pk_index.get(name)
+        if i is None:
+            array = [change.values[name] for _, change in rows]
+            if isinstance(spec.table.c[name].type, Uuid):
+                array = [None if value is None else as_uuid(value) for value in array]
+        elif single:
+            array = [key for key, _ in rows]
+        else:
+            array = [key[i] for key, _ in rows]
+        arrays.append(array)
+    if as_arrays:
+        conn.execute(stmt, {f"p{i}": array for i, array in enumerate(arrays)})
+    else:
+        conn.execute(stmt, [dict(zip(columns, row, strict=True)) for row in zip(*arrays, strict=True)])
+
+
+def _upsert_statement(spec: TableSpec, signature: Signature) -> tuple[Executable, tuple[str, ...], bool]:
+    """``INSERT ... ON CONFLICT (pk) DO UPDATE`` for rows writing these columns, and how to bind them."""
+    table = spec.table
+    names, sets, adds = signature
+    columns = tuple(name for name in spec.column_names if name in names)
+    as_arrays = all(
+        isinstance(table.c[name].type, _ARRAY_SAFE) and not isinstance(table.c[name].type, _ARRAY_UNSAFE)
+        for name in columns
+    )
+    if as_arrays:
+        source = select(
+            *(
+                func.unnest(bindparam(f"p{i}", type_=ARRAY(table.c[name].type)))
+                for i, name in enumerate(columns)
+            )
+        )
+        stmt = pg_insert(table).from_select(list(columns), source)
+    else:
+        stmt = pg_insert(table)
+    update: dict[str, Any] = {
+        name: stmt.excluded[name] for name in columns if name in sets and name not in spec.pk_set
+    }
+    for name in columns:
+        if name in adds:
+            update[name] = func.coalesce(table.c[name], 0) + stmt.excluded[name]
+    pk = [table.c[name] for name in spec.pk]
+    if update:
+        return stmt.on_conflict_do_update(index_elements=pk, set_=update), columns, as_arrays
+    return stmt.on_conflict_do_nothing(index_elements=pk), columns, as_arrays
+
+
+def _single_upsert(spec: TableSpec, key: Key, change: Change) -> Executable:
+    table = spec.table
+    values = dict(change.values)
+    values.update(zip(spec.pk, (key,) if spec.pk0 is not None else key, strict=True))
+    stmt = pg_insert(table).values(values)
+    update: dict[str, Any] = {name: stmt.excluded[name] for name in change.sets if name not in spec.pk_set}
+    for name, amount in change.adds.items():
+        update[name] = func.coalesce(table.c[name], 0) + literal(amount, table.c[name].type)
+    return stmt.on_conflict_do_update(index_elements=[table.c[name] for name in spec.pk], set_=update)
