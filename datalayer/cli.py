@@ -118,7 +118,11 @@ def _cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     from datalayer.wiring import KNOWN_PROJECTIONS, consumer_config, load_projection, target_for
 
     names = args.projections or sorted(KNOWN_PROJECTIONS)
-    projections = [load_projection(name) for name in names]
+    try:
+        projections = [load_projection(name) for name in names]
+    except ValueError as exc:
+        print(f"datalayer consume: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
     config = consumer_config(settings, max_batch=args.batch_size)

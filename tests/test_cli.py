@@ -101,3 +101,13 @@ def test_relay_lag_reports_unpublished_events(store: EventStore) -> None:
     assert lag["lag_events"] == 3 and lag["checkpoint"] == "0/0" and lag["published"] == 0
     assert lag["lag_seconds"] >= 0 and lag["horizon"]["stalled"] is False
     assert "example:" in run("relay", "--help").stdout
+
+
+def test_consume_names_an_unknown_projection_as_a_usage_error() -> None:
+    result = run("consume", "no_such_projection")
+    assert result.returncode == 2
+    assert "unknown projection 'no_such_projection'" in result.stderr
+    assert "order_cache, order_views" in result.stderr
+    result = run("consume", "json:dumps")
+    assert result.returncode == 2 and "is not a Projection class" in result.stderr
+    assert "example:" in run("consume", "--help").stdout

@@ -42,6 +42,7 @@ from domain import (
     PlaceOrder,
     Product,
     ReservationExceeded,
+    StreamWrite,
 )
 from eventstore.errors import ConcurrencyError
 
@@ -147,6 +148,11 @@ def test_result_names_stream_version_and_highest_position(
     # One append of two events (Placed, StockReserved); the position is the later of them.
     assert result.position == orders_app.recorder.max_notification_id() == before + 2
     assert orders_app.get_product(product_id).version == 3
+    # Every stream written, at its new version: what read-your-writes waits for.
+    assert result.written == (
+        StreamWrite("Order", result.stream_id, 1),
+        StreamWrite("Product", product_id, 3),
+    )
 
 
 def test_a_command_that_changes_nothing_has_no_position(
