@@ -7,12 +7,15 @@ The packages take clients as arguments; this module is where the CLI builds thos
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine
 
 from consumers.runtime import ConsumerConfig
 from datalayer.settings import Settings
+from projections.generations import GenerationRegistry
 from projections.projection import Projection
 from projections.target import ProjectionTarget
 
@@ -63,3 +66,46 @@ def consumer_config(settings: Settings, **overrides: Any) -> ConsumerConfig:
         replication_factor=settings.topic_replication_factor,
         **overrides,
     )
+
+
+@dataclass(frozen=True)
+class ReadModelStore:
+    """Where a projection's generations live: their registry, and how to open or drop one."""
+
+    registry: GenerationRegistry
+    make_target: Callable[[str], ProjectionTarget[Any]]
+    drop_target: Callable[[str], None]
+    close: Callable[[], None]
+
+
+def read_model_store(projection: Projection[Any], settings: Settings) -> ReadModelStore:
+    """PostgreSQL generations for a ``SqlProjection``, Redis ones for a ``RedisProjection``."""
+    from datalayer.clients import postgres_engine, redis_client
+    from projections.generations import PostgresGenerations, RedisGenerations
+    from projections.targets import PostgresTarget, RedisProjection, RedisTarget, SqlProjection
+
+    if isinstance(projection, SqlProjection):
+        engine = postgres_engine(settings, pool_pre_ping=True)
+
+        def pg_target(name: str) -> ProjectionTarget[Any]:
+            return PostgresTarget(engine, projection, schema=name)
+
+        return ReadModelStore(
+            PostgresGenerations(engine),
+            pg_target,
+            lambda name: PostgresTarget(engine, projection, schema=name).drop(),
+            engine.dispose,
+        )
+    if isinstance(projection, RedisProjection):
+        client = redis_client(settings)
+
+        def redis_target(name: str) -> ProjectionTarget[Any]:
+            return RedisTarget(client, projection, prefix=RedisGenerations.prefix(name))
+
+        return ReadModelStore(
+            RedisGenerations(client),
+            redis_target,
+            lambda name: RedisTarget(client, projection, prefix=RedisGenerations.prefix(name)).drop(),
+            client.close,
+        )
+    raise ValueError(f"projection {projection.name} has no known target type")

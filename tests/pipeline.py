@@ -185,6 +185,19 @@ class Pipeline:
             if i % 3 == 0:
                 self.commands.ship_order({"order_id": order})
 
+    def keep_writing(self, customer: UUID, products: list[UUID]) -> threading.Event:
+        """Order flows in a background thread until the returned event is set (or the pipeline closes)."""
+        done = threading.Event()
+
+        def write() -> None:
+            while not (done.is_set() or self._stop.is_set()):
+                self.order_flow(customer, products, 5)
+            self.writes_stopped.set()
+
+        self.writes_stopped = threading.Event()
+        threading.Thread(target=write, daemon=True).start()
+        return done
+
     def close(self) -> None:
         self._stop.set()
         for proc in self._processes:

@@ -334,10 +334,11 @@ def test_order_cache_matches_the_domain(
             queries.best_sellers(limit=bad)
 
 
-def test_default_cache_prefix_is_the_targets() -> None:
-    client = redis.Redis()  # never connects: only key names are compared
-    target = RedisTarget(client, OrderCache())
-    assert OrderCacheQueries(client).prefix == target.key("")
+def test_default_cache_prefix_is_the_targets_until_a_generation_is_active(redis_conn: redis.Redis) -> None:
+    name = unique_name("cache")
+    renamed = type("RenamedCache", (OrderCache,), {"name": name})
+    target = RedisTarget(redis_conn, renamed())
+    assert OrderCacheQueries(redis_conn, projection=name).prefix == target.key("")
 
 
 def test_keyset_pagination_returns_every_order_once(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import time
 from collections.abc import Callable
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
@@ -20,6 +21,7 @@ import redis
 from sqlalchemy import ColumnElement, Engine, RowMapping, Select, select, tuple_
 
 from domain.order import OrderStatus
+from projections.generations import REDIS_ALIASES
 from projections.orders.models import BestSeller, DailySales, OrderLineView, OrderSummary, Page, ProductStock
 from projections.orders.order_cache import BEST_SELLERS, ORDER_STATUS, OrderCache, stock_key
 from projections.orders.order_views import OrderViews
@@ -35,11 +37,13 @@ Scored = list[tuple[bytes | str, float]]
 class OrderQueries:
     """Orders and daily sales from the ``order_views`` tables in ``schema``.
 
-    Each query is served by an index of :mod:`projections.orders.tables`: by customer, by status, by
-    placement or by total for orders; by day, or by product then day, for sales.
+    ``schema`` defaults to ``order_views``, the alias whose views follow the active generation, so
+    a blue/green rebuild switches these queries over atomically. Each query is served by an index
+    of :mod:`projections.orders.tables`: by customer, by status, by placement or by total for
+    orders; by day, or by product then day, for sales.
     """
 
-    def __init__(self, engine: Engine, schema: str = f"{OrderViews.name}_v{OrderViews.version}") -> None:
+    def __init__(self, engine: Engine, schema: str = OrderViews.name) -> None:
         # The tables are defined without a schema; this maps them into the read model's.
         self._engine = engine.execution_options(schema_translate_map={None: schema})
 
@@ -134,12 +138,34 @@ class OrderQueries:
 class OrderCacheQueries:
     """Stock levels, order statuses and best sellers from the ``order_cache`` keys under ``prefix``.
 
-    ``prefix`` defaults to the one ``RedisTarget`` gives the current ``OrderCache`` version.
+    Without a ``prefix`` the queries follow the active generation: its prefix is read from the alias
+    hash ``dl:read_models`` and kept for ``ALIAS_TTL`` seconds, so a blue/green switch reaches them
+    within a second (until the first generation exists, the first one's prefix is used).
     """
 
-    def __init__(self, client: redis.Redis, prefix: str | None = None) -> None:
+    ALIAS_TTL = 1.0
+
+    def __init__(
+        self, client: redis.Redis, prefix: str | None = None, projection: str = OrderCache.name
+    ) -> None:
         self._client = client
-        self.prefix = prefix if prefix is not None else f"dl:{{{OrderCache.name}_v{OrderCache.version}}}:"
+        self._fixed = prefix
+        self._projection = projection
+        self._alias: tuple[float, str] | None = None
+
+    @property
+    def prefix(self) -> str:
+        """The key prefix the next query reads under."""
+        if self._fixed is not None:
+            return self._fixed
+        now = time.monotonic()
+        if self._alias is None or now - self._alias[0] > self.ALIAS_TTL:
+            found = self._client.hget(REDIS_ALIASES, self._projection)
+            prefix = (
+                _text(found) if found is not None else f"dl:{{{self._projection}_v{OrderCache.version}}}:"
+            )
+            self._alias = (now, prefix)
+        return self._alias[1]
 
     def stock(self, product_id: UUID) -> ProductStock | None:
         """The product's price and stock, or None if the cache has not seen it (yet)."""
