@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
+from datalayer.read_model_commands import add_commands as add_read_model_commands
 from datalayer.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from eventstore import EventStore
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -109,52 +116,189 @@ def _cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
         store.close()
 
 
-def _cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
-    import logging
-    import signal
-    import threading
+class _Progress:
+    """Events so far and the rate, redrawn on one stderr line at most twice a second."""
 
-    from consumers.runtime import ProjectionConsumer
-    from datalayer.wiring import KNOWN_PROJECTIONS, consumer_config, load_projection, target_for
+    def __init__(self, verb: str, enabled: bool) -> None:
+        self.verb = verb
+        self.enabled = enabled
+        self.started = time.monotonic()
+        self.shown = 0.0
+        self.drawn = False
 
-    names = args.projections or sorted(KNOWN_PROJECTIONS)
-    try:
-        projections = [load_projection(name) for name in names]
-    except ValueError as exc:
-        print(f"datalayer consume: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)
-    config = consumer_config(settings, max_batch=args.batch_size)
-    consumers = [
-        ProjectionConsumer(p, target_for(p, settings), settings.kafka_config(), config) for p in projections
-    ]
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    failures: list[BaseException] = []
+    def __call__(self, events: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.shown < 0.5:
+            return
+        self.shown = now
+        rate = events / (now - self.started) if now > self.started else 0.0
+        end = "\r" if sys.stderr.isatty() else "\n"
+        sys.stderr.write(f"{self.verb} {events:,} events ({rate:,.0f} events/s){end}")
+        sys.stderr.flush()
+        self.drawn = True
 
-    def run(consumer: ProjectionConsumer) -> None:
+    def finish(self) -> None:
+        if self.drawn and sys.stderr.isatty():
+            sys.stderr.write("\n")
+
+
+def _store(settings: Settings, schema: str, url: str | None = None) -> EventStore:
+    from eventstore import EventStore
+
+    conninfo = (url or settings.psycopg_url()).replace("postgresql+psycopg://", "postgresql://", 1)
+    return EventStore.connect(
+        conninfo, schema=schema, max_size=2, connect_kwargs=settings.postgres_connect_kwargs()
+    )
+
+
+def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    from eventstore.portable import export_log, open_export
+
+    progress = _Progress("exported", args.progress or sys.stderr.isatty())
+    with _store(settings, args.schema or settings.eventstore_schema) as store:
         try:
-            consumer.run(stop)
-        except BaseException as exc:
-            failures.append(exc)
-            stop.set()  # one projection failing stops the process, so a supervisor restarts it whole
+            with open_export(args.file) as out:
+                summary = export_log(store, out, batch_size=args.batch_size, progress=progress)
         finally:
-            consumer.target.close()
-
-    threads = [threading.Thread(target=run, args=(c,), name=c.projection.name) for c in consumers]
-    for thread in threads:
-        thread.start()
-    # Waiting on the event, not join(): the main thread must stay free to run the signal handler.
-    while not stop.wait(0.5):
-        if not any(t.is_alive() for t in threads):
-            break
-    for thread in threads:
-        thread.join()
-    if failures:
-        raise failures[0]
+            progress.finish()
+    print(
+        f"exported {summary.events} events of schema {store.schema} to {args.file} in "
+        f"{summary.seconds:.1f} s ({summary.events_per_second:,.0f} events/s), sha256 {summary.sha256}",
+        file=sys.stderr if args.file == "-" else sys.stdout,  # stdout carries the export itself
+    )
+    if summary.held_back:
+        print(
+            f"note: {summary.held_back} committed events wait behind an open transaction and are not in "
+            "this export (datalayer relay --lag names it)",
+            file=sys.stderr,
+        )
     return EXIT_OK
+
+
+def _cmd_import(args: argparse.Namespace, settings: Settings) -> int:
+    from eventstore.portable import import_log, open_import
+
+    progress = _Progress("imported", args.progress or sys.stderr.isatty())
+    with _store(settings, args.schema or settings.eventstore_schema) as store:
+        store.migrate()
+        try:
+            with open_import(args.file) as source:
+                summary = import_log(store, source, batch_size=args.batch_size, progress=progress)
+        finally:
+            progress.finish()
+    print(
+        f"imported {summary.events} events into schema {store.schema} in {summary.seconds:.1f} s "
+        f"({summary.events_per_second:,.0f} events/s); count and sha256 {summary.sha256} verified"
+    )
+    return EXIT_OK
+
+
+def _cmd_migrate_events(args: argparse.Namespace, settings: Settings) -> int:
+    from eventstore.migrate_events import Transform, copy_unchanged, load_transform, migrate_events
+
+    transform: Transform = copy_unchanged
+    if args.transform:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # the operator's own module, found as `python -m` would
+        try:
+            transform = load_transform(args.transform)
+        except ValueError as exc:
+            print(f"datalayer migrate-events: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    progress = _Progress("migrated", args.progress or sys.stderr.isatty())
+    with (
+        _store(settings, args.schema or settings.eventstore_schema) as source,
+        _store(settings, args.to_schema, args.to_database_url) as target,
+    ):
+        try:
+            report = migrate_events(
+                source,
+                target,
+                transform,
+                transform_name=args.transform or "copy_unchanged",
+                resume=args.resume,
+                batch_size=args.batch_size,
+                progress=progress,
+            )
+        finally:
+            progress.finish()
+    for line in report.lines():
+        print(line)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 1")
+    return number
+
+
+def _add_transfer_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    export = commands.add_parser(
+        "export",
+        help="write the event log to a portable file (JSON Lines, gzip for *.gz)",
+        description="Write every event of the store, in commit order and with every stored field, to FILE: "
+        "a header line, one JSON line per event (payload bytes exactly as stored) and a trailer with the "
+        "count and a SHA-256 of the event lines. The log is taken as readable when the export starts; "
+        "memory stays constant. FILE is written beside and renamed when complete.",
+        epilog="example: datalayer export backup-2024-06-01.jsonl.gz\n"
+        "         datalayer export - | ssh backup 'cat > orders.jsonl'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("file", metavar="FILE", help="where to write; *.gz is compressed, - is stdout")
+    export.set_defaults(handler=_cmd_export)
+
+    load = commands.add_parser(
+        "import",
+        help="restore an export into an empty store",
+        description="Read an export into the store (created or migrated first), which must hold no events. "
+        "Event ids, streams, versions, types, payload bytes, metadata and recorded_at are kept; positions "
+        "are new, in the file's order. One transaction: the count and checksum in the trailer are checked "
+        "before the commit, so a truncated or damaged file leaves the store empty.",
+        epilog="example: DATALAYER_EVENTSTORE_SCHEMA=restored datalayer import backup-2024-06-01.jsonl.gz",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    load.add_argument("file", metavar="FILE", help="the export; gzip is recognised, - is stdin")
+    load.set_defaults(handler=_cmd_import)
+
+    migrate = commands.add_parser(
+        "migrate-events",
+        help="copy the event log through a transform into a new store (no cut-over)",
+        description="Copy the log, in commit order, through a function transform(event) -> iterable of "
+        "eventstore.migrate_events.NewStreamEvent into a new schema (and database): rename types, drop "
+        "fields, split streams, fix data. Target streams are numbered contiguously in source order. The "
+        "source is only read. Counts and stream contiguity are verified and reported (exit 1 when they "
+        "disagree). Progress is recorded in the target, so --resume continues an interrupted run, or "
+        "copies what the source gained since. Cutting over is a separate step: see "
+        "docs/backup-and-migration.md.",
+        epilog="example: datalayer migrate-events --to-schema orders_v2 --transform mymigration:rename\n"
+        "         datalayer migrate-events --to-schema orders_v2 --transform mymigration:rename --resume",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    migrate.add_argument(
+        "--to-schema", required=True, type=_schema_arg, metavar="SCHEMA", help="the new store's schema"
+    )
+    migrate.add_argument(
+        "--transform", metavar="MODULE:FUNCTION", help="the transform (default: copy every event unchanged)"
+    )
+    migrate.add_argument(
+        "--to-database-url", metavar="URL", help="the new store's database (default: the source's)"
+    )
+    migrate.add_argument("--resume", action="store_true", help="continue a migration into --to-schema")
+    migrate.set_defaults(handler=_cmd_migrate_events)
+
+    for cmd, whose in ((export, "the store's"), (load, "the store's"), (migrate, "the source store's")):
+        cmd.add_argument(
+            "--schema", type=_schema_arg, help=f"{whose} schema (default: DATALAYER_EVENTSTORE_SCHEMA)"
+        )
+        cmd.add_argument(
+            "--batch-size", type=_positive_int, default=5000, metavar="N", help="events per batch (5000)"
+        )
+        cmd.add_argument("--progress", action="store_true", help="show progress on stderr (on for a TTY)")
 
 
 def _schema_arg(value: str) -> str:
@@ -211,24 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     relay.add_argument("--lag", action="store_true", help="print the relay's lag as JSON and exit")
     relay.set_defaults(handler=_cmd_relay)
 
-    consume = commands.add_parser(
-        "consume",
-        help="feed projections from Kafka into their read models (runs until SIGTERM)",
-        description="Run projections from their Kafka topics into their read models, one consumer group "
-        "per projection version. Each batch's writes, the last applied version of each stream and the Kafka "
-        "offsets commit together, so every event takes effect once, across crashes and rebalances. Run more "
-        "processes to share the partitions. Events a projection cannot apply go to DATALAYER_DEAD_LETTER_"
-        "TOPIC_PREFIX + projection name. SIGTERM finishes the batch in hand and exits 0.",
-        epilog="example: datalayer consume                # every known projection\n"
-        "         datalayer consume order_views    # one of them\n"
-        "         datalayer consume mypkg.views:Stats",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    consume.add_argument(
-        "projections", nargs="*", metavar="PROJECTION", help="names or module:Class (default: all known)"
-    )
-    consume.add_argument("--batch-size", type=int, default=1000, help="records per batch (default 1000)")
-    consume.set_defaults(handler=_cmd_consume)
+    add_read_model_commands(commands)
 
     db = commands.add_parser(
         "db", help="the event store's schema", description="Manage the event store's schema."
@@ -248,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--schema", type=_schema_arg, help="PostgreSQL schema (default: DATALAYER_EVENTSTORE_SCHEMA)"
         )
         cmd.set_defaults(handler=handler)
+
+    _add_transfer_commands(commands)
     return parser
 
 

@@ -44,6 +44,11 @@ _ON_CONFLICT = sql.SQL("ON CONFLICT (event_id) DO NOTHING RETURNING position, ev
 # Up to this many rows an append is a multi-row VALUES (cheaper to bind than arrays), beyond it unnest.
 _VALUES_MAX_ROWS = 64
 
+# A row to import: stream id, stream type, version, the event and optionally its recorded_at.
+ImportRow = tuple[UUID, str, int, NewEvent] | tuple[UUID, str, int, NewEvent, datetime]
+
+_IMPORT_TYPES = ["uuid", "text", "int8", "uuid", "text", "int4", "bytea", "jsonb", "timestamptz"]
+
 _COLUMNS = (
     "position, transaction_id::text::int8, stream_id, stream_type, stream_version, event_id, "
     "event_type, schema_version, payload, metadata::text, recorded_at"
@@ -265,39 +270,50 @@ class EventStore:
         rows = conn.execute(self._versions, (stream_ids,)).fetchall()
         return {row[0]: int(row[1]) for row in rows}
 
-    def import_events(self, events: Iterable[tuple[UUID, str, int, NewEvent]]) -> int:
+    def import_events(self, events: Iterable[ImportRow]) -> int:
         """The bulk path for imports and loads: COPY rows (stream id, type, version, event) in one go.
 
         Streams must be contiguous, as for :meth:`append`; there is no expected-version check beyond
-        that (the database rejects a gap or a duplicate and the whole import is rolled back).
+        that (the database rejects a gap or a duplicate and the whole import is rolled back). A row
+        may end with its ``recorded_at`` (a restore keeps the original time); without it the row is
+        recorded at the transaction's start, as an append is.
+        """
+        with self.pool.connection() as conn, conn.transaction():
+            count = self.import_in(conn, events)
+        self._wakeup.announce()
+        return count
+
+    def import_in(self, conn: psycopg.Connection[Any], events: Iterable[ImportRow]) -> int:
+        """:meth:`import_events` as one COPY inside the caller's open transaction on ``conn``.
+
+        Followers learn of these events at their next poll, or sooner when this store appends again.
         """
         copy = sql.SQL(
             "COPY {}.events (stream_id, stream_type, stream_version, event_id, event_type,"
-            " schema_version, payload, metadata) FROM STDIN (FORMAT BINARY)"
+            " schema_version, payload, metadata, recorded_at) FROM STDIN (FORMAT BINARY)"
         ).format(sql.Identifier(self.schema))
+        # What the column's default would give rows without a time of their own.
+        now = conn.execute("SELECT now()").fetchone()
+        assert now is not None
         count = 0
-        with (
-            self.pool.connection() as conn,
-            conn.transaction(),
-            conn.cursor() as cur,
-            cur.copy(copy) as writer,
-        ):
-            writer.set_types(["uuid", "text", "int8", "uuid", "text", "int4", "bytea", "jsonb"])
-            for stream_id, stream_type, version, e in events:
+        with conn.cursor() as cur, cur.copy(copy) as writer:
+            writer.set_types(_IMPORT_TYPES)
+            for row in events:
+                e = row[3]
                 writer.write_row(
                     (
-                        stream_id,
-                        stream_type,
-                        version,
+                        row[0],
+                        row[1],
+                        row[2],
                         e.event_id,
                         e.event_type,
                         e.schema_version,
                         e.payload,
                         e.metadata.to_dict(),  # the jsonb dumper encodes it; a str would be a JSON string
+                        row[4] if len(row) == 5 else now[0],
                     )
                 )
                 count += 1
-        self._wakeup.announce()
         return count
 
     # -- reading ----------------------------------------------------------------------------------
@@ -387,4 +403,4 @@ def _recorded(row: Sequence[Any]) -> RecordedEvent:
     )
 
 
-__all__ = ["EventStore", "EventStoreError", "libpq_tls_kwargs", "validate_schema_name"]
+__all__ = ["EventStore", "EventStoreError", "ImportRow", "libpq_tls_kwargs", "validate_schema_name"]
