@@ -7,6 +7,8 @@ The packages take clients as arguments; this module is where the CLI builds thos
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +35,8 @@ def load_projection(name: str) -> Projection[Any]:
     if not class_name:
         known = ", ".join(sorted(KNOWN_PROJECTIONS))
         raise ValueError(f"unknown projection {name!r}: use one of {known}, or package.module:Class")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # the operator's own module, found as `python -m` would
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as exc:

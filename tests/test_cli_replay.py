@@ -1,0 +1,107 @@
+"""``datalayer rebuild``, ``verify`` and ``generations`` through the console script, on isolated names."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import Engine, text, update
+
+from datalayer.settings import Settings
+from eventstore import EventStore
+from projections.generations import REDIS_ALIASES, RedisGenerations
+from projections.orders.tables import order_summaries
+from tests.helpers import unique_name
+from tests.pipeline import Pipeline, pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).with_name("datalayer")
+
+
+@pytest.fixture
+def pl(settings: Settings, store: EventStore, engine: Engine, redis_conn: redis.Redis) -> Iterator[Pipeline]:
+    with pipeline(settings, store, engine, redis_conn) as p:
+        yield p
+
+
+def cli(pl: Pipeline, name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(
+        os.environ,
+        DATALAYER_EVENTSTORE_SCHEMA=pl.store.schema,
+        DATALAYER_TOPIC_PREFIX=pl.topic_prefix,
+        DATALAYER_DEAD_LETTER_TOPIC_PREFIX=pl.dlq_prefix,
+        TEST_PROJECTION_NAME=name,
+    )
+    return subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+
+
+def test_rebuild_verify_and_generations_from_the_command_line(pl: Pipeline, engine: Engine) -> None:
+    name = unique_name("cliov")
+    projection = "tests.cli_projections:IsolatedViews"
+    try:
+        pl.start_relay()
+        customer, products = pl.seed_catalog(2)
+        pl.order_flow(customer, products, 12)
+
+        built = cli(pl, name, "rebuild", projection, "--handover-timeout", "0.5")
+        assert built.returncode == 0, built.stderr
+        assert f"generation {name}_v1 is active" in built.stdout
+        assert "100%" in built.stderr  # the progress line reached the end
+
+        ok = cli(pl, name, "verify", projection)
+        assert ok.returncode == 0, ok.stderr
+        assert "equal a fresh replay" in ok.stdout
+
+        with engine.begin() as conn:
+            conn.execution_options(schema_translate_map={None: f"{name}_v1"})
+            conn.execute(update(order_summaries).values(units=order_summaries.c.units + 1))
+        drifted = cli(pl, name, "verify", projection, "--examples", "2")
+        assert drifted.returncode == 1
+        assert "0 missing, 0 extra, 12 different" in drifted.stdout
+        assert drifted.stdout.count("different order_summaries") == 2
+
+        again = cli(pl, name, "rebuild", projection, "--handover-timeout", "0.5", "--drop-old")
+        assert again.returncode == 0, again.stderr
+        assert f"{name}_v1_r1 is active" in again.stdout and f"dropped {name}_v1" in again.stdout
+        listed = cli(pl, name, "generations", projection)
+        assert listed.returncode == 0
+        assert f"{name}_v1_r1" in listed.stdout and "active" in listed.stdout
+        assert f"{name}_v1 " not in listed.stdout
+        assert cli(pl, name, "verify", projection).returncode == 0
+
+        refused = cli(pl, name, "generations", projection, "--drop", f"{name}_v1_r1")
+        assert refused.returncode == 1 and "not an inactive generation" in refused.stderr
+    finally:
+        with engine.begin() as conn:
+            rows = conn.execute(
+                text("SELECT generation FROM datalayer_read_models.generations WHERE projection = :p"),
+                {"p": name},
+            ).all()
+            for (generation,) in rows:
+                conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{generation}" CASCADE')
+            conn.execute(
+                text("DELETE FROM datalayer_read_models.generations WHERE projection = :p"), {"p": name}
+            )
+            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+def test_rebuild_of_a_redis_projection_switches_the_alias(pl: Pipeline, redis_conn: redis.Redis) -> None:
+    name = unique_name("clioc")
+    try:
+        pl.start_relay()
+        customer, products = pl.seed_catalog(2)
+        pl.order_flow(customer, products, 5)
+        built = cli(pl, name, "rebuild", "tests.cli_projections:IsolatedCache", "--handover-timeout", "0.5")
+        assert built.returncode == 0, built.stderr
+        assert redis_conn.hget(REDIS_ALIASES, name) == RedisGenerations.prefix(f"{name}_v1").encode()
+        assert cli(pl, name, "verify", "tests.cli_projections:IsolatedCache").returncode == 0
+    finally:
+        for key in redis_conn.scan_iter(match=f"dl:{{{name}*", count=1000):
+            redis_conn.delete(key)
+        redis_conn.delete(f"dl:generations:{name}")
+        redis_conn.hdel(REDIS_ALIASES, name)
