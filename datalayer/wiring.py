@@ -62,14 +62,15 @@ def target_for(
 
 
 def consumer_config(settings: Settings, **overrides: Any) -> ConsumerConfig:
-    """The consumer runtime's configuration from the topic settings."""
-    return ConsumerConfig(
-        topic_prefix=settings.topic_prefix,
-        dead_letter_prefix=settings.dead_letter_topic_prefix,
-        partitions=settings.topic_partitions,
-        replication_factor=settings.topic_replication_factor,
-        **overrides,
-    )
+    """The consumer runtime's configuration from the topic settings; ``overrides`` win."""
+    fields: dict[str, Any] = {
+        "topic_prefix": settings.topic_prefix,
+        "dead_letter_prefix": settings.dead_letter_topic_prefix,
+        "partitions": settings.topic_partitions,
+        "replication_factor": settings.topic_replication_factor,
+    }
+    fields.update(overrides)
+    return ConsumerConfig(**fields)
 
 
 @dataclass(frozen=True)
