@@ -1,4 +1,4 @@
-# The stable interface: make up | down | status | demo | test | bench | lint.
+# The stable interface: make up [TLS=1] | down | status | demo | test | bench | lint.
 # `make test` and `make demo` work on a fresh Debian/Ubuntu machine: they install what is missing.
 SHELL := /bin/bash
 VENV := .venv
@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
+# `make up TLS=1` also prints the DATALAYER_* exports that point every client at TLS (verified).
 up: venv
-	@stack/stack.sh up
+	@stack/stack.sh up $(if $(filter 1 yes true,$(TLS)),--tls)
 
 down:
 	@stack/stack.sh down

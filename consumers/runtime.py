@@ -9,6 +9,7 @@ skipped by the per-stream versions in the target.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -60,10 +61,21 @@ class ConsumerConfig:
     max_retries: int = 10
     initial_backoff: float = 0.2
     max_backoff: float = 5.0
+    # Before the first batch, once per process: take the objects alive then out of the garbage
+    # collector's passes (see _freeze_startup_objects). False leaves the collector as it is.
+    freeze_gc: bool = True
 
     def group_for(self, projection: Projection[Any]) -> str:
         """One consumer group per projection version: ``datalayer.projection.order_views_v1``."""
         return self.group_id or f"datalayer.projection.{projection.qualified_name}"
+
+    def kafka_consumer_settings(self) -> dict[str, Any]:
+        """The ``KafkaConsumer`` settings a projection consumer runs with, beside the connection and group."""
+        return {
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "max_poll_records": self.max_batch,
+        }
 
 
 @dataclass
@@ -119,14 +131,14 @@ class ProjectionConsumer:
         consumer = KafkaConsumer(
             **self.kafka_config,
             group_id=self.config.group_for(self.projection),
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=self.config.max_batch,
+            **self.config.kafka_consumer_settings(),
         )
         sink = KafkaDeadLetters(producer, self.dead_letter_topic, self.projection.name)
         try:
             self._await_topic_metadata(consumer, stop)
             consumer.subscribe(self.topics, listener=_SeekToTargetCheckpoints(self, consumer))
+            if self.config.freeze_gc:
+                _freeze_startup_objects()
             self.running.set()
             log.info("consumer %s: consuming %s", self.projection.qualified_name, ", ".join(self.topics))
             while not stop.is_set():
@@ -230,6 +242,28 @@ class ProjectionConsumer:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, self.config.max_backoff)
         raise AssertionError("unreachable")
+
+
+_gc_lock = threading.Lock()
+_gc_frozen = False
+
+
+def _freeze_startup_objects() -> None:
+    """Once per process: collect, then move every object alive now out of the collector's sight.
+
+    Why: a batch allocates tens of thousands of short-lived containers, which trigger full
+    collections, and each full collection also walks every object loaded at start-up (modules,
+    SQLAlchemy, the Kafka client: ~100,000 of them) -- about a fifth of a PostgreSQL consumer's time.
+    Frozen objects are still freed by reference counting; only cycles among them are never collected,
+    and collecting first leaves none behind. Objects created later are collected as usual.
+    """
+    global _gc_frozen
+    with _gc_lock:
+        if _gc_frozen:
+            return
+        _gc_frozen = True
+        gc.collect()
+        gc.freeze()
 
 
 class _Stopped(Exception):

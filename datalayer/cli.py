@@ -28,8 +28,10 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from datalayer.clients import check_kafka_tls
     from datalayer.smoke import run_smoke
 
+    check_kafka_tls(settings)
     print("datalayer demo: a round trip PostgreSQL -> Kafka -> Redis on the configured servers")
     run_smoke(settings, messages=args.messages)
     print("demo: ok")
@@ -79,11 +81,58 @@ def _cmd_db_status(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK if version == newest else EXIT_FAILED
 
 
+def _cmd_db_roles(args: argparse.Namespace, settings: Settings) -> int:
+    from datalayer.clients import postgres_connection
+    from eventstore.privileges import create_store_roles, drop_store_roles, store_roles
+
+    schema = args.schema or settings.eventstore_schema
+    roles = store_roles(schema)
+    with postgres_connection(settings, autocommit=True) as conn:
+        if args.drop:
+            dropped = drop_store_roles(conn, schema)
+            print(f"dropped roles {', '.join(dropped) or '(none existed)'}; schema {schema} is yours now")
+            return EXIT_OK
+        created = create_store_roles(conn, schema)
+    print(f"roles created now: {', '.join(created) or 'none (all existed)'}")
+    print(f"schema {schema} and its objects are owned by {roles.owner}; privileges granted:")
+    print(f"  {roles.owner:<24} migrations (you are a member: 'datalayer db migrate' runs as it)")
+    print(f"  {roles.app:<24} SELECT, INSERT on events and snapshots (no UPDATE, DELETE, TRUNCATE)")
+    print(f"  {roles.relay:<24} SELECT on events; SELECT, INSERT, UPDATE on relay_checkpoints")
+    print(f"  {roles.reader:<24} SELECT on every table")
+    print(f"make a login a member, e.g.: CREATE ROLE orders_api LOGIN PASSWORD '...' IN ROLE {roles.app};")
+    return EXIT_OK
+
+
+def _cmd_db_grant_projection(args: argparse.Namespace, settings: Settings) -> int:
+    from datalayer.clients import postgres_engine
+    from projections.privileges import create_projection_roles, projection_roles
+
+    try:
+        writer, reader = projection_roles(args.projection)
+    except ValueError as exc:
+        print(f"datalayer db grant-projection: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    engine = postgres_engine(settings)
+    try:
+        with engine.begin() as conn:
+            schemas = create_projection_roles(conn, args.projection)
+    finally:
+        engine.dispose()
+    print(f"roles {writer} (consumers) and {reader} (queries) exist; granted on:")
+    for schema, roles in schemas.items():
+        print(f"  {schema:<32} {', '.join(roles) or '- (not owned by you: ask its owner to run this)'}")
+    if not schemas:
+        print("  nothing yet: generations built from now on are granted as they are set up")
+    print(f"make a login a member, e.g.: GRANT {writer} TO orders_consumer;")
+    return EXIT_OK
+
+
 def _cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
     import logging
     import signal
     import threading
 
+    from datalayer.clients import check_kafka_tls
     from eventstore import EventStore
     from eventstore.relay import Relay, RelayConfig
 
@@ -105,6 +154,7 @@ def _cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
         if args.lag:
             print(json.dumps(relay.lag().as_dict(), indent=2))
             return EXIT_OK
+        check_kafka_tls(settings)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("kafka").setLevel(logging.WARNING)
         stop = threading.Event()
@@ -375,6 +425,39 @@ def build_parser() -> argparse.ArgumentParser:
             "--schema", type=_schema_arg, help="PostgreSQL schema (default: DATALAYER_EVENTSTORE_SCHEMA)"
         )
         cmd.set_defaults(handler=handler)
+
+    roles = db_commands.add_parser(
+        "roles",
+        help="create the store's group roles and grant them least privilege (needs CREATEROLE)",
+        description="Create the NOLOGIN group roles <schema>_owner, <schema>_app, <schema>_relay and "
+        "<schema>_reader (those missing), make you a member of the owner, hand the schema and its objects "
+        "to the owner and grant each role exactly its privileges. Idempotent; later migrations run as the "
+        "owner and grant again. Log in as members of these roles, never as a superuser. See "
+        "docs/security.md.",
+        epilog="example: datalayer db roles\n"
+        "         psql -c \"CREATE ROLE orders_api LOGIN PASSWORD '...' IN ROLE datalayer_app\"",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    roles.add_argument(
+        "--schema", type=_schema_arg, help="PostgreSQL schema (default: DATALAYER_EVENTSTORE_SCHEMA)"
+    )
+    roles.add_argument(
+        "--drop", action="store_true", help="drop the roles instead; what the owner role owned becomes yours"
+    )
+    roles.set_defaults(handler=_cmd_db_roles)
+
+    grant = db_commands.add_parser(
+        "grant-projection",
+        help="create a projection's writer and reader roles and grant them on its schemas",
+        description="Create the NOLOGIN roles <projection>_writer (live consumers: read and write the "
+        "generation schemas) and <projection>_reader (queries: read the alias views and generations) and "
+        "grant them on the registry, the alias schema and every generation that exists. Generations built "
+        "later are granted when they are set up. Idempotent; needs CREATEROLE when a role is missing.",
+        epilog="example: datalayer db grant-projection order_views",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    grant.add_argument("projection", metavar="PROJECTION", help="the projection's name, e.g. order_views")
+    grant.set_defaults(handler=_cmd_db_grant_projection)
 
     _add_transfer_commands(commands)
     return parser

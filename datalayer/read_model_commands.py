@@ -29,6 +29,12 @@ def _logging() -> None:
     logging.getLogger("kafka").setLevel(logging.WARNING)
 
 
+def _check_kafka_tls(settings: Settings) -> None:
+    from datalayer.clients import check_kafka_tls
+
+    check_kafka_tls(settings)
+
+
 def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -46,6 +52,7 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
         print(f"datalayer consume: {exc}", file=sys.stderr)
         return EXIT_USAGE
     _logging()
+    _check_kafka_tls(settings)
     config = consumer_config(settings, max_batch=args.batch_size)
     stores = [read_model_store(p, settings) for p in projections]
     consumers = [
@@ -126,6 +133,7 @@ def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
         print(f"datalayer rebuild: {exc}", file=sys.stderr)
         return EXIT_USAGE
     _logging()
+    _check_kafka_tls(settings)
     store = EventStore.connect(
         settings.psycopg_url(),
         settings.eventstore_schema,

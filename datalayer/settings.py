@@ -167,9 +167,14 @@ class Settings(BaseSettings):
         return config
 
     def redis_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``redis.Redis.from_url`` beyond the URL (TLS files)."""
+        """Keyword arguments for ``redis.Redis.from_url`` beyond the URL (TLS files).
+
+        ``rediss://`` verifies the server's certificate and its name (redis-py before 6 did not
+        check the name unless asked).
+        """
         kwargs: dict[str, Any] = {}
         if urlsplit(self.redis_url).scheme == "rediss":
+            kwargs["ssl_check_hostname"] = True
             for key, path in (
                 ("ssl_ca_certs", self.redis_tls_ca_file),
                 ("ssl_certfile", self.redis_tls_cert_file),

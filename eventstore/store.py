@@ -25,6 +25,7 @@ from psycopg_pool import ConnectionPool
 from eventstore.errors import ConcurrencyError, EventStoreError, MigrationError
 from eventstore.horizon import Horizon, read_horizon
 from eventstore.migrations import Migration, available_migrations, current_version, migrate
+from eventstore.privileges import warn_if_superuser
 from eventstore.records import (
     LOG_START,
     NO_METADATA,
@@ -133,6 +134,7 @@ class EventStore:
             max_size=max_size,
             open=True,
             kwargs={**(connect_kwargs or {}), "autocommit": True},
+            configure=_check_connection,
             name=f"eventstore-{schema}",
         )
         return cls(pool, schema)
@@ -375,6 +377,10 @@ class EventStore:
         with self.pool.connection() as conn:
             row = conn.execute(query).fetchone()
         return int(row[0]) if row else 0
+
+
+def _check_connection(conn: psycopg.Connection[TupleRow]) -> None:
+    warn_if_superuser(conn)
 
 
 def _is_version_conflict(exc: psycopg.DatabaseError) -> bool:

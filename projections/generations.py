@@ -35,6 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.schema import CreateSchema
 
+from projections.privileges import grant_projection_schema
 from projections.projection import Projection
 
 BUILDING, ACTIVE, RETIRED = "building", "active", "retired"
@@ -126,7 +127,10 @@ class PostgresGenerations:
             conn.execute(
                 select(func.pg_advisory_xact_lock(func.hashtextextended(literal(REGISTRY_SCHEMA), 0)))
             )
-            conn.execute(CreateSchema(REGISTRY_SCHEMA, if_not_exists=True))
+            # Only when missing: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when
+            # the schema exists, and a consumer running as a projection's writer role lacks it.
+            if conn.execute(select(func.to_regnamespace(literal(REGISTRY_SCHEMA)))).scalar() is None:
+                conn.execute(CreateSchema(REGISTRY_SCHEMA, if_not_exists=True))
             _metadata.create_all(conn, checkfirst=True)
         self._ready = True
 
@@ -176,6 +180,8 @@ class PostgresGenerations:
                 name = quote(table)
                 conn.exec_driver_sql(f"DROP VIEW IF EXISTS {alias}.{name}")
                 conn.exec_driver_sql(f"CREATE VIEW {alias}.{name} AS SELECT * FROM {target}.{name}")
+            # New views carry no grants: give them to the projection's reader role, if it exists.
+            grant_projection_schema(conn, projection.name, projection.name, alias=True)
 
     def forget(self, projection: str, generation: str) -> None:
         with self.engine.begin() as conn:

@@ -92,12 +92,20 @@ def _apply_once(
     outcome = BatchOutcome()
     decoder = projection.decoder
     initial = projection.initial_version
+    # Why the local names: this loop runs once per event, and each of these would otherwise be an
+    # attribute lookup (and a new bound method) per event.
+    handler_for = projection.handler_for
+    check = decoder.check
+    bind = decoder.bind
     with target.batch() as batch:
         stream_ids = {item.event.stream_id for item in items if item.event is not None}
         applied = batch.applied_versions(stream_ids) if stream_ids else {}
         versions = outcome.versions
         writes = batch.writes
         dead = outcome.dead_letters
+        start_event = batch.start_event
+        keep_event = batch.keep_event
+        duplicates = applied_count = 0
         for item in items:
             event = item.event
             if event is None:
@@ -110,7 +118,7 @@ def _apply_once(
                 last = applied.get(sid)
             version = event.stream_version
             if last is not None and version <= last:
-                outcome.duplicates += 1
+                duplicates += 1
                 continue
             expected = initial if last is None else last + 1
             if version != expected:
@@ -126,21 +134,21 @@ def _apply_once(
             # From here the event counts as applied: a malformed or poison event is dead-lettered
             # and the stream moves past it, so the events after it still apply.
             versions[sid] = version
-            outcome.applied += 1
+            applied_count += 1
             if item.error is not None:
                 dead.append(DeadLetter(item.error.reason, str(item.error), event, item.original))
                 continue
-            handler = projection.handler_for(event.event_type)
+            handler = handler_for(event.event_type)
             try:
-                decoder.check(event)
+                check(event)
                 if handler is None:
                     continue
-                decoder.bind(event)
+                bind(event)
                 event.data  # noqa: B018 -- decoded up front, so a bad payload is named as such
             except MalformedEvent as exc:
                 dead.append(DeadLetter(exc.reason, str(exc), event, item.original))
                 continue
-            batch.start_event()
+            start_event()
             try:
                 handler(event, writes)
             except MalformedEvent as exc:
@@ -160,7 +168,9 @@ def _apply_once(
                     detail,
                 )
                 continue
-            batch.keep_event()
+            keep_event()
+        outcome.applied = applied_count
+        outcome.duplicates = duplicates
         if dead:
             dead_letters(dead)
         batch.commit(versions, checkpoints)

@@ -91,7 +91,7 @@ def test_tls_options_reach_every_client(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert kafka["security_protocol"] == "SSL"
     assert kafka["ssl_cafile"] == str(ca) and kafka["ssl_certfile"] == str(cert)
     assert kafka["ssl_keyfile"] == str(key) and kafka["ssl_check_hostname"] is True
-    assert s.redis_kwargs() == {"ssl_ca_certs": str(ca)}
+    assert s.redis_kwargs() == {"ssl_check_hostname": True, "ssl_ca_certs": str(ca)}
 
 
 def test_cli_fails_at_start_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
