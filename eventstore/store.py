@@ -50,9 +50,11 @@ ImportRow = tuple[UUID, str, int, NewEvent] | tuple[UUID, str, int, NewEvent, da
 
 _IMPORT_TYPES = ["uuid", "text", "int8", "uuid", "text", "int4", "bytea", "jsonb", "timestamptz"]
 
+# The cast column gets its own name: as "transaction_id" it would be what ORDER BY transaction_id
+# sorts by, an expression no index has, and every read of the log would sort the rest of the table.
 _COLUMNS = (
-    "position, transaction_id::text::int8, stream_id, stream_type, stream_version, event_id, "
-    "event_type, schema_version, payload, metadata::text, recorded_at"
+    "position, transaction_id::text::int8 AS transaction_id_int, stream_id, stream_type, stream_version, "
+    "event_id, event_type, schema_version, payload, metadata::text, recorded_at"
 )
 
 

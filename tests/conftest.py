@@ -23,7 +23,8 @@ def settings() -> Settings:
 
 @pytest.fixture(scope="session")
 def engine(settings: Settings) -> Iterator[Engine]:
-    engine = postgres_engine(settings, pool_size=5)
+    # pre_ping: tests that restart PostgreSQL must not leave cut connections to the next test.
+    engine = postgres_engine(settings, pool_size=5, pool_pre_ping=True)
     yield engine
     engine.dispose()
 

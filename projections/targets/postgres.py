@@ -49,6 +49,7 @@ from sqlalchemy import (
     literal,
     select,
     tuple_,
+    update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Dialect
@@ -145,11 +146,8 @@ _checkpoints = Table(
     Column("updated_at", DateTime(timezone=True), server_default=func.now()),
 )
 
-_select_versions = (
-    select(_versions.c.stream_id, _versions.c.version)
-    .where(_versions.c.stream_id == any_(bindparam("ids", type_=_BinaryArray(Uuid))))
-    .order_by(_versions.c.stream_id)  # lock in one order everywhere: no deadlock between processes
-    .with_for_update()
+_select_versions = select(_versions.c.stream_id, _versions.c.version).where(
+    _versions.c.stream_id == any_(bindparam("ids", type_=_BinaryArray(Uuid)))
 )
 _select_version = select(_versions.c.version).where(_versions.c.stream_id == bindparam("id", type_=Uuid))
 
@@ -158,18 +156,26 @@ def _unnest(name: str, item_type: Any) -> Any:
     return func.unnest(bindparam(name, type_=_BinaryArray(item_type)))
 
 
-# New streams are plainly inserted: a concurrent insert of the same stream is a unique violation,
-# never a silent overwrite. Streams read (and locked) by applied_versions() are updated.
+# Versions are checked optimistically, not locked when read: a row lock at read time would give the
+# batch a transaction id for all of its handler work, and any open transaction id holds back the
+# event store's commit-ordered readers (the relay) in the same cluster. New streams are plainly
+# inserted, so a concurrent insert of the same stream is a unique violation, never an overwrite;
+# known streams are updated only where they still stand at the version read, and the count of rows
+# updated tells whether another process moved one meanwhile (it waits on that process's row lock
+# first, then sees its committed version).
 _insert_versions = pg_insert(_versions).from_select(
     ["stream_id", "version"], select(_unnest("new_ids", Uuid), _unnest("new_versions", BigInteger))
 )
+_changes = select(
+    _unnest("ids", Uuid).label("stream_id"),
+    _unnest("read_versions", BigInteger).label("read_version"),
+    _unnest("versions", BigInteger).label("version"),
+).subquery("changes")
 _update_versions = (
-    pg_insert(_versions)
-    .from_select(["stream_id", "version"], select(_unnest("ids", Uuid), _unnest("versions", BigInteger)))
-    .on_conflict_do_update(
-        index_elements=[_versions.c.stream_id],
-        set_={"version": pg_insert(_versions).excluded.version, "updated_at": func.now()},
-    )
+    update(_versions)
+    .where(_versions.c.stream_id == _changes.c.stream_id, _versions.c.version == _changes.c.read_version)
+    .values(version=_changes.c.version, updated_at=func.now())
+    .returning(_versions.c.stream_id)
 )
 _upsert_checkpoints = (
     pg_insert(_checkpoints)
@@ -184,10 +190,11 @@ _upsert_checkpoints = (
 # few hundred events/s a batch holds a handful of events and costs ~8 round trips, ~1 ms each, so
 # this is latency as much as throughput. Empty arrays make a part a no-op; the rows written by the
 # parts are disjoint, and a unique violation can only come from the new streams' plain INSERT.
-_write_bookkeeping = select(literal(1)).add_cte(
-    _update_versions.cte("updated_versions"),
-    _insert_versions.cte("new_versions"),
-    _upsert_checkpoints.cte("checkpoints"),
+_updated_versions = _update_versions.cte("updated_versions")
+_write_bookkeeping = (
+    select(func.count())
+    .select_from(_updated_versions)
+    .add_cte(_insert_versions.cte("new_versions"), _upsert_checkpoints.cte("checkpoints"))
 )
 _select_checkpoints = select(_checkpoints.c.source, _checkpoints.c.position)
 
@@ -297,7 +304,7 @@ class _PostgresBatch:
         self._target = target
         self._conn = conn
         self._writes = SqlWrites(target._specs, self._load_row)
-        self._locked: set[str] = set()
+        self._read: dict[str, int] = {}  # the versions applied_versions() saw
 
     @property
     def writes(self) -> SqlWrites:
@@ -312,7 +319,7 @@ class _PostgresBatch:
                 raise BatchConflict(f"concurrent batch: {exc.orig}") from exc
             raise
         applied = {str(sid): version for sid, version in rows}
-        self._locked.update(applied)
+        self._read.update(applied)
         for spec in self._target._prefetch:
             self._prefetch(spec, ids)
         return applied
@@ -346,23 +353,27 @@ class _PostgresBatch:
         """The new stream versions and the checkpoints, in one statement (see ``_write_bookkeeping``)."""
         if not versions and not checkpoints:
             return
-        locked = self._locked
-        # Canonical UUID strings sort like the UUIDs, and much faster.
+        read = self._read
+        # Canonical UUID strings sort like the UUIDs, and much faster; one order everywhere keeps
+        # two processes updating the same rows from deadlocking.
         ordered = sorted(versions.items())
-        new = [(as_uuid(sid), v) for sid, v in ordered if sid not in locked]
-        known = [(as_uuid(sid), v) for sid, v in ordered if sid in locked]
+        new = [(as_uuid(sid), v) for sid, v in ordered if sid not in read]
+        known = [(as_uuid(sid), v) for sid, v in ordered if sid in read]
         params = {
             **_columns(known, "ids", "versions"),
+            "read_versions": [read[sid] for sid, _ in ordered if sid in read],
             **_columns(new, "new_ids", "new_versions"),
             "sources": list(checkpoints),
             "positions": list(checkpoints.values()),
         }
         try:
-            self._conn.execute(_write_bookkeeping, params)
+            updated = self._conn.execute(_write_bookkeeping, params).scalar_one()
         except DBAPIError as exc:
             if getattr(exc.orig, "sqlstate", None) == _UNIQUE_VIOLATION:
                 raise BatchConflict("another process applied new streams of this batch first") from exc
             raise
+        if updated != len(known):
+            raise BatchConflict("another process applied some of this batch's streams first")
 
     def _prefetch(self, spec: TableSpec, stream_ids: Sequence[UUID]) -> None:
         normalize = spec.normalizers[0]
