@@ -29,6 +29,9 @@ def topic(kafka_config: dict[str, Any]) -> Iterator[str]:
 
 def consumer(kafka_config: dict[str, Any], topic: str, group: str) -> KafkaConsumer:
     c = KafkaConsumer(group_id=group, enable_auto_commit=False, auto_offset_reset="earliest", **kafka_config)
+    # A group joined before the client knows a just-created topic's partitions assigns none of them
+    # until the next metadata refresh (minutes): know them first, as the consumer runtime does.
+    wait_until(lambda: c.partitions_for_topic(topic), what=f"partition metadata of {topic}")
     c.subscribe([topic])
     return c
 
