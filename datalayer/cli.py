@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING
 
 from datalayer.read_model_commands import add_commands as add_read_model_commands
 from datalayer.settings import Settings, SettingsError, load_settings
+from datalayer.wiring import UnknownProjection, event_store
 
 if TYPE_CHECKING:
-    from eventstore import EventStore
+    pass
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -192,20 +193,11 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-def _store(settings: Settings, schema: str, url: str | None = None) -> EventStore:
-    from eventstore import EventStore
-
-    conninfo = (url or settings.psycopg_url()).replace("postgresql+psycopg://", "postgresql://", 1)
-    return EventStore.connect(
-        conninfo, schema=schema, max_size=2, connect_kwargs=settings.postgres_connect_kwargs()
-    )
-
-
 def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     from eventstore.portable import export_log, open_export
 
     progress = _Progress("exported", args.progress or sys.stderr.isatty())
-    with _store(settings, args.schema or settings.eventstore_schema) as store:
+    with event_store(settings, args.schema) as store:
         try:
             with open_export(args.file) as out:
                 summary = export_log(store, out, batch_size=args.batch_size, progress=progress)
@@ -229,7 +221,7 @@ def _cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     from eventstore.portable import import_log, open_import
 
     progress = _Progress("imported", args.progress or sys.stderr.isatty())
-    with _store(settings, args.schema or settings.eventstore_schema) as store:
+    with event_store(settings, args.schema) as store:
         store.migrate()
         try:
             with open_import(args.file) as source:
@@ -257,8 +249,8 @@ def _cmd_migrate_events(args: argparse.Namespace, settings: Settings) -> int:
             return EXIT_USAGE
     progress = _Progress("migrated", args.progress or sys.stderr.isatty())
     with (
-        _store(settings, args.schema or settings.eventstore_schema) as source,
-        _store(settings, args.to_schema, args.to_database_url) as target,
+        event_store(settings, args.schema) as source,
+        event_store(settings, args.to_schema, args.to_database_url) as target,
     ):
         try:
             report = migrate_events(
@@ -473,6 +465,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args, settings)
+    except UnknownProjection as exc:
+        print(f"datalayer {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
     except Exception as exc:

@@ -46,11 +46,7 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.live import LiveConsumer
     from datalayer.wiring import consumer_config, read_model_store
 
-    try:
-        projections = _projections(args.projections)
-    except ValueError as exc:
-        print(f"datalayer consume: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    projections = _projections(args.projections)
     _logging()
     _check_kafka_tls(settings)
     config = consumer_config(settings, max_batch=args.batch_size)
@@ -124,22 +120,12 @@ class ProgressBar:
 
 def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.rebuild import Rebuild, RebuildOptions
-    from datalayer.wiring import consumer_config, load_projection, read_model_store
-    from eventstore import EventStore
+    from datalayer.wiring import consumer_config, event_store, load_projection, read_model_store
 
-    try:
-        projection = load_projection(args.projection)
-    except ValueError as exc:
-        print(f"datalayer rebuild: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    projection = load_projection(args.projection)
     _logging()
     _check_kafka_tls(settings)
-    store = EventStore.connect(
-        settings.psycopg_url(),
-        settings.eventstore_schema,
-        max_size=2,
-        connect_kwargs=settings.postgres_connect_kwargs(),
-    )
+    store = event_store(settings)
     models = read_model_store(projection, settings)
     bar = ProgressBar(sys.stderr)
     options = RebuildOptions(
@@ -181,27 +167,17 @@ def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     import uuid
 
-    from datalayer.wiring import load_projection, read_model_store
-    from eventstore import EventStore
+    from datalayer.wiring import event_store, load_projection, read_model_store
     from projections.verify import NotSettled, verify
 
-    try:
-        projection = load_projection(args.projection)
-    except ValueError as exc:
-        print(f"datalayer verify: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    projection = load_projection(args.projection)
     models = read_model_store(projection, settings)
     active = models.registry.active(projection.name)
     if active is None:
         print(f"datalayer verify: {projection.name} has no active generation to verify", file=sys.stderr)
         models.close()
         return EXIT_FAILED
-    store = EventStore.connect(
-        settings.psycopg_url(),
-        settings.eventstore_schema,
-        max_size=2,
-        connect_kwargs=settings.postgres_connect_kwargs(),
-    )
+    store = event_store(settings)
     shadow_name = f"{projection.name[:40]}_verify_{uuid.uuid4().hex[:8]}"
     shadow = models.make_target(shadow_name)
     try:
@@ -236,11 +212,7 @@ def _short(value: Any, width: int = 120) -> str:
 def cmd_generations(args: argparse.Namespace, settings: Settings) -> int:
     from datalayer.wiring import load_projection, read_model_store
 
-    try:
-        projection = load_projection(args.projection)
-    except ValueError as exc:
-        print(f"datalayer generations: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    projection = load_projection(args.projection)
     models = read_model_store(projection, settings)
     try:
         if args.drop:

@@ -17,6 +17,7 @@ from sqlalchemy import Engine
 
 from consumers.runtime import ConsumerConfig
 from datalayer.settings import Settings
+from eventstore.store import EventStore
 from projections.generations import GenerationRegistry
 from projections.projection import Projection
 from projections.target import ProjectionTarget
@@ -28,21 +29,36 @@ KNOWN_PROJECTIONS: dict[str, str] = {
 }
 
 
+class UnknownProjection(ValueError):
+    """A projection named on the command line that cannot be loaded: a usage error (exit 2)."""
+
+
+def event_store(settings: Settings, schema: str | None = None, url: str | None = None) -> EventStore:
+    """A small connection pool on the configured (or given) store, for one CLI command."""
+    conninfo = (url or settings.psycopg_url()).replace("postgresql+psycopg://", "postgresql://", 1)
+    return EventStore.connect(
+        conninfo,
+        schema=schema or settings.eventstore_schema,
+        max_size=2,
+        connect_kwargs=settings.postgres_connect_kwargs(),
+    )
+
+
 def load_projection(name: str) -> Projection[Any]:
     """The projection called ``name`` (see ``KNOWN_PROJECTIONS``) or at ``module:Class``."""
     path = KNOWN_PROJECTIONS.get(name, name)
     module_name, _, class_name = path.partition(":")
     if not class_name:
         known = ", ".join(sorted(KNOWN_PROJECTIONS))
-        raise ValueError(f"unknown projection {name!r}: use one of {known}, or package.module:Class")
+        raise UnknownProjection(f"unknown projection {name!r}: use one of {known}, or package.module:Class")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # the operator's own module, found as `python -m` would
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot load projection {name!r}: {exc}") from None
+        raise UnknownProjection(f"cannot load projection {name!r}: {exc}") from None
     if not (isinstance(cls, type) and issubclass(cls, Projection)):
-        raise ValueError(f"{path} is not a Projection class")
+        raise UnknownProjection(f"{path} is not a Projection class")
     projection: Projection[Any] = cls()
     return projection
 
