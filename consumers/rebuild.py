@@ -30,7 +30,7 @@ from consumers.live import TargetFactory, group_for
 from consumers.runtime import ConsumerConfig, ProjectionConsumer
 from eventstore.relay.topics import create_missing_topics, topic_for
 from eventstore.store import EventStore
-from projections.generations import ACTIVE, BUILDING, RETIRED, Generation, GenerationRegistry
+from projections.generations import BUILDING, RETIRED, Generation, GenerationRegistry
 from projections.projection import Projection
 from projections.replay import LOG_CHECKPOINT, ReplayStats, replay
 from projections.target import ProjectionTarget
@@ -329,4 +329,4 @@ def _partitions(consumer: KafkaConsumer, topic: str) -> set[int]:
         time.sleep(0.1)
 
 
-__all__ = ["ACTIVE", "Rebuild", "RebuildOptions", "RebuildProgress", "RebuildReport"]
+__all__ = ["Rebuild", "RebuildOptions", "RebuildProgress", "RebuildReport"]

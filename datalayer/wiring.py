@@ -13,8 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine
-
 from consumers.runtime import ConsumerConfig
 from datalayer.settings import Settings
 from eventstore.store import EventStore
@@ -61,20 +59,6 @@ def load_projection(name: str) -> Projection[Any]:
         raise UnknownProjection(f"{path} is not a Projection class")
     projection: Projection[Any] = cls()
     return projection
-
-
-def target_for(
-    projection: Projection[Any], settings: Settings, engine: Engine | None = None
-) -> ProjectionTarget[Any]:
-    """Where a projection writes: PostgreSQL for a ``SqlProjection``, Redis for a ``RedisProjection``."""
-    from datalayer.clients import postgres_engine, redis_client
-    from projections.targets import PostgresTarget, RedisProjection, RedisTarget, SqlProjection
-
-    if isinstance(projection, SqlProjection):
-        return PostgresTarget(engine or postgres_engine(settings, pool_pre_ping=True), projection)
-    if isinstance(projection, RedisProjection):
-        return RedisTarget(redis_client(settings), projection)
-    raise ValueError(f"projection {projection.name} has no known target type")
 
 
 def consumer_config(settings: Settings, **overrides: Any) -> ConsumerConfig:

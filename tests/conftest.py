@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -47,18 +48,34 @@ def kafka_config(settings: Settings) -> dict[str, Any]:
     return settings.kafka_config()
 
 
-@pytest.fixture
-def store(settings: Settings) -> Iterator[EventStore]:
+@contextmanager
+def migrated_store(settings: Settings, prefix: str) -> Iterator[EventStore]:
     """A migrated event store in a schema of its own, dropped afterwards."""
-    schema = unique_name("es")
+    schema = unique_name(prefix)
     es = EventStore.connect(
         settings.psycopg_url(), schema=schema, max_size=24, connect_kwargs=settings.postgres_connect_kwargs()
     )
     es.migrate()
-    yield es
-    es.close()
-    with postgres_connection(settings, autocommit=True) as conn:
-        conn.execute(psycopg.sql.SQL("DROP SCHEMA {} CASCADE").format(psycopg.sql.Identifier(schema)))
+    try:
+        yield es
+    finally:
+        es.close()
+        with postgres_connection(settings, autocommit=True) as conn:
+            conn.execute(psycopg.sql.SQL("DROP SCHEMA {} CASCADE").format(psycopg.sql.Identifier(schema)))
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[EventStore]:
+    """A migrated event store in a schema of its own, dropped afterwards."""
+    with migrated_store(settings, "es") as es:
+        yield es
+
+
+@pytest.fixture
+def empty_store(settings: Settings) -> Iterator[EventStore]:
+    """A second migrated store without events: where an export is restored or a log migrated."""
+    with migrated_store(settings, "restore") as es:
+        yield es
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tracemalloc
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,20 +33,6 @@ from eventstore.portable import (
 from tests.helpers import read_all_settled, unique_name
 
 BIN = Path(sys.executable).with_name("datalayer")
-
-
-@pytest.fixture
-def empty_store(settings: Settings) -> Iterator[EventStore]:
-    """A second migrated store without events: where an export is restored."""
-    schema = unique_name("restore")
-    es = EventStore.connect(
-        settings.psycopg_url(), schema=schema, max_size=4, connect_kwargs=settings.postgres_connect_kwargs()
-    )
-    es.migrate()
-    yield es
-    es.close()
-    with postgres_connection(settings, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
 
 
 def seed(store: EventStore, streams: int = 40) -> int:

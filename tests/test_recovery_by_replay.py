@@ -10,12 +10,10 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 import redis
 from sqlalchemy import Engine
 
-from datalayer.clients import postgres_connection
 from datalayer.settings import Settings
 from domain import OrderStatus
 from eventstore import EventStore, NewEvent, RecordedEvent
@@ -32,19 +30,6 @@ from tests.pipeline import Pipeline, pg_contents, pipeline, redis_contents
 def pl(settings: Settings, store: EventStore, engine: Engine, redis_conn: redis.Redis) -> Iterator[Pipeline]:
     with pipeline(settings, store, engine, redis_conn) as p:
         yield p
-
-
-@pytest.fixture
-def empty_store(settings: Settings) -> Iterator[EventStore]:
-    schema = unique_name("restored")
-    es = EventStore.connect(
-        settings.psycopg_url(), schema=schema, max_size=4, connect_kwargs=settings.postgres_connect_kwargs()
-    )
-    es.migrate()
-    yield es
-    es.close()
-    with postgres_connection(settings, autocommit=True) as conn:
-        conn.execute(psycopg.sql.SQL("DROP SCHEMA {} CASCADE").format(psycopg.sql.Identifier(schema)))
 
 
 def rebuilt(pl: Pipeline, store: EventStore) -> tuple[PostgresTarget, RedisTarget]:
