@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from datalayer.read_model_commands import add_commands as add_read_model_commands
+from datalayer.security_commands import add_commands as add_security_commands
 from datalayer.settings import Settings, SettingsError, load_settings
 from datalayer.wiring import UnknownProjection, event_store
 
@@ -452,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     grant.set_defaults(handler=_cmd_db_grant_projection)
 
     _add_transfer_commands(commands)
+    add_security_commands(commands)
     return parser
 
 

@@ -24,6 +24,8 @@ from projections.target import ProjectionTarget
 KNOWN_PROJECTIONS: dict[str, str] = {
     "order_views": "projections.orders:OrderViews",
     "order_cache": "projections.orders:OrderCache",
+    "customer_directory": "projections.customers:CustomerDirectory",
+    "customer_cache": "projections.customers:CustomerCache",
 }
 
 

@@ -7,6 +7,7 @@ from domain.commands import (
     ChangeProductPrice,
     Command,
     CreateProduct,
+    EraseCustomer,
     OrderLineRequest,
     PayOrder,
     PlaceOrder,
@@ -18,6 +19,7 @@ from domain.commands import (
 from domain.customer import Customer
 from domain.errors import (
     AggregateNotFound,
+    CustomerErased,
     DomainError,
     DuplicateOrderLine,
     EmptyOrder,
@@ -34,9 +36,11 @@ from domain.errors import (
 )
 from domain.handlers import CommandHandlers, CommandResult, OrdersApplication, StreamWrite
 from domain.order import Order, OrderLine, OrderStatus
+from domain.personal import ERASED, PersonalData
 from domain.product import Product
 
 __all__ = [
+    "ERASED",
     "AddOrderLine",
     "AggregateNotFound",
     "CancelOrder",
@@ -47,9 +51,11 @@ __all__ = [
     "CommandResult",
     "CreateProduct",
     "Customer",
+    "CustomerErased",
     "DomainError",
     "DuplicateOrderLine",
     "EmptyOrder",
+    "EraseCustomer",
     "InsufficientStock",
     "InvalidPrice",
     "InvalidQuantity",
@@ -65,6 +71,7 @@ __all__ = [
     "OrdersApplication",
     "PayOrder",
     "PaymentMismatch",
+    "PersonalData",
     "PlaceOrder",
     "Product",
     "ReceiveStock",

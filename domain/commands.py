@@ -64,6 +64,14 @@ class ChangeCustomerAddress(Command):
     address: Text
 
 
+class EraseCustomer(Command):
+    """Record that a customer's personal data was erased; ``reason`` and ``actor`` must hold none of it."""
+
+    customer_id: UUID
+    reason: Text
+    actor: Text
+
+
 class CreateProduct(Command):
     """Create a product, with no stock yet."""
 

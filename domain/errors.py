@@ -34,6 +34,14 @@ class AggregateNotFound(DomainError):
         super().__init__(aggregate_id, f"{kind} {aggregate_id} does not exist")
 
 
+class CustomerErased(DomainError):
+    """The customer was forgotten (their personal data erased): nothing more can be recorded about them."""
+
+    def __init__(self, customer_id: UUID, action: str) -> None:
+        self.action = action
+        super().__init__(customer_id, f"cannot {action} customer {customer_id}: their data was erased")
+
+
 class InvalidQuantity(DomainError):
     """A quantity was zero or negative; every quantity the domain records is a positive count."""
 

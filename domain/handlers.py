@@ -27,6 +27,7 @@ from domain.commands import (
     ChangeProductPrice,
     Command,
     CreateProduct,
+    EraseCustomer,
     PayOrder,
     PlaceOrder,
     ReceiveStock,
@@ -171,6 +172,7 @@ class CommandHandlers:
         self._handlers: dict[type[Command], Callable[[Any], CommandResult]] = {
             RegisterCustomer: self.register_customer,
             ChangeCustomerAddress: self.change_customer_address,
+            EraseCustomer: self.erase_customer,
             CreateProduct: self.create_product,
             ChangeProductPrice: self.change_product_price,
             ReceiveStock: self.receive_stock,
@@ -205,6 +207,17 @@ class CommandHandlers:
         def decide() -> _Decision:
             customer = self.app.get_customer(cmd.customer_id)
             customer.change_address(cmd.address)
+            return customer, [customer]
+
+        return self._run(decide)
+
+    def erase_customer(self, command: EraseCustomer | Mapping[str, Any]) -> CommandResult:
+        """Record the erasure; destroying the customer's data key is the caller's part (``forget``)."""
+        cmd = _parse(EraseCustomer, command)
+
+        def decide() -> _Decision:
+            customer = self.app.get_customer(cmd.customer_id)
+            customer.erase(cmd.reason, cmd.actor)
             return customer, [customer]
 
         return self._run(decide)

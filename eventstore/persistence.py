@@ -29,15 +29,19 @@ from eventsourcing.persistence import (
     ApplicationRecorder,
     InfrastructureFactory,
     IntegrityError,
+    Mapper,
     Notification,
     ProcessRecorder,
     StoredEvent,
     Subscription,
     TrackingRecorder,
+    Transcoder,
 )
 from eventsourcing.utils import Environment, EnvType, resolve_topic
 from psycopg import sql
 
+from eventstore.keys import DataKeys, MasterKeys
+from eventstore.personal import personal_data_mapper
 from eventstore.records import NO_METADATA, EventMetadata, NewEvent, StreamAppend
 from eventstore.store import EventStore, libpq_tls_kwargs
 
@@ -262,6 +266,20 @@ class Factory(InfrastructureFactory[TrackingRecorder]):
         )
         if self.env.get("CREATE_TABLE", "yes").lower() in ("y", "yes", "t", "true", "on", "1"):
             self.store.migrate()
+
+    def mapper(
+        self, transcoder: Transcoder | None = None, mapper_class: type[Mapper[Any]] | None = None
+    ) -> Mapper[Any]:
+        """The library's mapper, sealing the personal fields of events under per-subject data keys.
+
+        The master key comes from ``DATALAYER_MASTER_KEY`` (or ``_FILE``); without it, events without
+        personal data are stored as usual and those with it fail, naming the variable. A custom
+        ``MAPPER_TOPIC`` class is used as given.
+        """
+        base = super().mapper(transcoder, mapper_class)
+        if type(base) is not Mapper:
+            return base
+        return personal_data_mapper(base, DataKeys(self.store, MasterKeys.from_env(self.env)))
 
     def aggregate_recorder(self, purpose: str = "events") -> AggregateRecorder:
         if purpose == "snapshots":

@@ -7,9 +7,10 @@ the one their process needs (``GRANT s_app TO orders_api``):
     owns the schema and every object in it; migrations run as this role (the migrating login must
     be a member). Also holds CREATE on the database, which ``CREATE SCHEMA IF NOT EXISTS`` checks.
 ``s_app``
-    command handlers: SELECT and INSERT on ``events`` and ``snapshots``, SELECT on
-    ``schema_migrations``. No UPDATE, DELETE or TRUNCATE: the database refuses them before the
-    append-only trigger would.
+    command handlers: SELECT and INSERT on ``events``, ``snapshots`` and ``data_keys`` (a new
+    subject's key), SELECT on ``schema_migrations``. No UPDATE, DELETE or TRUNCATE: the database
+    refuses them before the append-only trigger would, and destroying a data key (``forget``) or
+    re-wrapping it (``keys rotate-master``) is the owner's job.
 ``s_relay``
     the relay: SELECT on ``events`` and ``schema_migrations``; SELECT, INSERT, UPDATE on
     ``relay_checkpoints``.
@@ -39,6 +40,7 @@ _TABLE_PRIVILEGES: dict[str, dict[str, tuple[str, ...]]] = {
     "app": {
         "events": ("SELECT", "INSERT"),
         "snapshots": ("SELECT", "INSERT"),
+        "data_keys": ("SELECT", "INSERT"),
         "schema_migrations": ("SELECT",),
     },
     "relay": {

@@ -7,6 +7,7 @@ it, so events a projection does not handle cost one dict lookup.
 from __future__ import annotations
 
 import base64
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import JSONTranscoder, Mapper, StoredEvent, Transcoder
 from eventsourcing.utils import resolve_topic
 
+from eventstore.personal import PersonalFields, personal_fields_from_env
 from eventstore.records import RecordedEvent
 
 
@@ -206,10 +208,15 @@ class EventDecoder:
     domain event object at its current class version.
     """
 
-    def __init__(self, mapper: Mapper[UUID]) -> None:
+    def __init__(self, mapper: Mapper[UUID], personal: PersonalFields | None = None) -> None:
         self.mapper = mapper
         self._known: dict[str, int] = {}
         self._bound = self._decode  # one bound method for every event, not one per bind()
+        # Crypto-shredding: personal fields are opened after whichever decoding path ran (see
+        # _decode_personal), so no fast path can hand a handler a sealed or erased field's data.
+        self.personal = personal
+        if personal is not None:
+            self._bound = self._decode_personal
         # Why a fast path: a JSON payload reaches the consumer already parsed (with the envelope),
         # and the plain mapper would dump it and parse it again with the stdlib's json. When nothing
         # can differ -- the library's own Mapper and JSONTranscoder, no cipher, no compressor -- the
@@ -268,6 +275,11 @@ class EventDecoder:
         except Exception as exc:
             raise MalformedEvent("bad_payload", f"{event.event_type}: {type(exc).__name__}: {exc}") from exc
 
+    def _decode_personal(self, event: ProjectedEvent) -> DomainEventProtocol[UUID]:
+        """:meth:`_decode`, then the personal fields opened (or redacted, once their subject is forgotten)."""
+        assert self.personal is not None
+        return self.personal.reveal(self._decode(event))
+
 
 class _Revived(Transcoder):
     """The transcoder of :attr:`EventDecoder._revived`: the state it is handed is already decoded."""
@@ -318,11 +330,14 @@ def event_decoder(application_name: str = "", env: dict[str, str] | None = None)
     """A decoder configured like the writing application: its cipher and compressor settings.
 
     ``application_name`` lets prefixed settings (``ORDERS_CIPHER_KEY``) apply as they do on the write
-    side; the decoder itself never touches a database.
+    side. Personal fields open with the data keys of the store that ``DATALAYER_DATABASE_URL`` and
+    ``DATALAYER_EVENTSTORE_SCHEMA`` name, under ``DATALAYER_MASTER_KEY``: the decoder connects to it
+    only when it meets such a field.
     """
     from eventsourcing.application import Application
 
     reader_type = type("Reader", (Application,), {"name": application_name or "Reader"})
     overrides = dict(env or {})
     overrides["PERSISTENCE_MODULE"] = "eventsourcing.popo"
-    return EventDecoder(reader_type(env=overrides).mapper)
+    mapper = reader_type(env=overrides).mapper
+    return EventDecoder(mapper, personal_fields_from_env(mapper.transcoder, {**os.environ, **(env or {})}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -13,8 +14,14 @@ from sqlalchemy import Engine
 
 from datalayer.clients import postgres_connection, postgres_engine, redis_client
 from datalayer.settings import Settings, load_settings
+from eventstore.keys import MASTER_KEY_ENV, new_master_key
 from eventstore.store import EventStore
 from tests.helpers import unique_name
+
+# Customers' personal fields are encrypted under a master key from the environment: a throwaway one
+# for this test session (and the CLI processes tests start, which inherit it), unless one is given.
+if not (os.environ.get(MASTER_KEY_ENV) or os.environ.get(f"{MASTER_KEY_ENV}_FILE")):
+    os.environ[MASTER_KEY_ENV] = new_master_key()
 
 
 @pytest.fixture(scope="session")

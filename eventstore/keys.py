@@ -1,0 +1,365 @@
+"""Envelope encryption for crypto-shredding: one data key per subject, wrapped by a master key.
+
+Data keys live in the store's ``data_keys`` table, each encrypted (AES-256-GCM) by the master key
+given in the environment (``DATALAYER_MASTER_KEY`` or ``DATALAYER_MASTER_KEY_FILE``), never stored
+anywhere by datalayer. Forgetting a subject destroys its data key and leaves a tombstone, so no new
+key is ever made for it; rotating the master key re-wraps every data key under the new one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from psycopg import sql
+
+from eventstore.errors import EventStoreError
+from eventstore.store import EventStore
+
+MASTER_KEY_ENV = "DATALAYER_MASTER_KEY"
+PREVIOUS_MASTER_KEY_ENV = "DATALAYER_PREVIOUS_MASTER_KEY"
+_KEY_BYTES = 32
+_NONCE_BYTES = 12
+
+
+class MasterKeyError(EventStoreError):
+    """The master key is missing, malformed or not the one that wrapped a data key; names the variable."""
+
+
+class MissingDataKey(EventStoreError):
+    """An encrypted field names a subject this store has no data key (nor tombstone) for.
+
+    The events were written to another store, or its ``data_keys`` table was not copied with them.
+    """
+
+
+class SubjectForgotten(EventStoreError):
+    """Personal data was about to be written for a subject that was forgotten: refused."""
+
+    def __init__(self, subject: str) -> None:
+        self.subject = subject
+        super().__init__(f"subject {subject} was forgotten: no personal data may be recorded for it")
+
+
+@dataclass(frozen=True)
+class MasterKey:
+    """A 256-bit master key and its id (a fingerprint, safe to store and log); the secret never prints."""
+
+    secret: bytes = field(repr=False)
+    source: str
+
+    @property
+    def key_id(self) -> str:
+        return hashlib.sha256(b"datalayer master key id\x00" + self.secret).hexdigest()[:16]
+
+    def wrap(self, subject: str, data_key: bytes) -> bytes:
+        nonce = os.urandom(_NONCE_BYTES)
+        return nonce + AESGCM(self.secret).encrypt(nonce, data_key, _wrap_aad(subject))
+
+    def unwrap(self, subject: str, wrapped: bytes) -> bytes:
+        try:
+            return AESGCM(self.secret).decrypt(
+                wrapped[:_NONCE_BYTES], wrapped[_NONCE_BYTES:], _wrap_aad(subject)
+            )
+        except InvalidTag:
+            raise MasterKeyError(
+                f"the data key of subject {subject} does not open with the key in {self.source} "
+                f"(id {self.key_id}) although it is recorded under that id: the row was altered"
+            ) from None
+
+
+def _wrap_aad(subject: str) -> bytes:
+    # Binds a wrapped key to its subject: a row's key copied onto another subject does not open.
+    return b"datalayer data key\x00" + subject.encode()
+
+
+def new_master_key() -> str:
+    """A fresh random master key, in the base64 form ``DATALAYER_MASTER_KEY`` takes."""
+    return base64.b64encode(os.urandom(_KEY_BYTES)).decode()
+
+
+def master_key_from_env(env: Mapping[str, str], name: str = MASTER_KEY_ENV) -> MasterKey | None:
+    """The key in ``name`` or in the file ``name_FILE`` (base64 of 32 bytes); None when neither is set."""
+    value = env.get(name) or None
+    path = env.get(f"{name}_FILE") or None
+    if value and path:
+        raise MasterKeyError(f"set {name} or {name}_FILE, not both")
+    source = name
+    if path:
+        source = f"{name}_FILE ({path})"
+        try:
+            value = Path(path).read_text().strip()
+        except OSError as exc:
+            raise MasterKeyError(f"{name}_FILE: cannot read {path}: {exc.strerror}") from None
+    if not value:
+        return None
+    try:
+        secret = base64.b64decode(value.strip(), altchars=b"-_" if ("-" in value or "_" in value) else None)
+    except (binascii.Error, ValueError):
+        secret = b""
+    if len(secret) != _KEY_BYTES:
+        # Never the value itself: it is a secret, even when malformed.
+        raise MasterKeyError(
+            f"{source} must hold {_KEY_BYTES} random bytes in base64 (44 characters; make one with "
+            f"'datalayer keys new-master'), got {len(value.strip())} characters"
+        )
+    return MasterKey(secret, source)
+
+
+@dataclass(frozen=True)
+class MasterKeys:
+    """The master key new data keys are wrapped with, and the previous one during a rotation."""
+
+    current: MasterKey | None
+    previous: MasterKey | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> MasterKeys:
+        """``DATALAYER_MASTER_KEY[_FILE]`` and ``DATALAYER_PREVIOUS_MASTER_KEY[_FILE]`` of ``env``."""
+        source = os.environ if env is None else env
+        return cls(master_key_from_env(source), master_key_from_env(source, PREVIOUS_MASTER_KEY_ENV))
+
+    def require_current(self) -> MasterKey:
+        if self.current is None:
+            raise MasterKeyError(
+                f"{MASTER_KEY_ENV} (or {MASTER_KEY_ENV}_FILE) is not set: personal fields can be neither "
+                "encrypted nor read without the master key (see docs/security.md)"
+            )
+        return self.current
+
+    def for_id(self, key_id: str, subject: str) -> MasterKey:
+        for key in (self.current, self.previous):
+            if key is not None and key.key_id == key_id:
+                return key
+        have = ", ".join(f"{k.source} is {k.key_id}" for k in (self.current, self.previous) if k) or (
+            f"{MASTER_KEY_ENV} is not set"
+        )
+        raise MasterKeyError(
+            f"the data key of subject {subject} is wrapped by master key {key_id}, but {have}: set "
+            f"{MASTER_KEY_ENV} to that key (or {PREVIOUS_MASTER_KEY_ENV} during a rotation)"
+        )
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """What ``forget`` did: ``destroyed`` a key, made a ``tombstone`` only (no key yet), or nothing
+    (``already`` forgotten), and when the subject was forgotten."""
+
+    subject: str
+    outcome: Literal["destroyed", "tombstone", "already"]
+    erased_at: datetime
+
+
+class DataKeys:
+    """The data keys of one event store, created on first use, cached for ``cache_ttl`` seconds.
+
+    ``store`` may be a callable, so that a reader connects only once it meets an encrypted field.
+    A cached key may outlive a ``forget`` by up to ``cache_ttl`` in another process: what that
+    process writes meanwhile is encrypted under the destroyed key, so it is unreadable all the same.
+    """
+
+    def __init__(
+        self,
+        store: EventStore | Callable[[], EventStore],
+        master: MasterKeys,
+        *,
+        cache_ttl: float = 60.0,
+        cache_size: int = 10_000,
+    ) -> None:
+        self._store = store if isinstance(store, EventStore) else None
+        self._connect = None if isinstance(store, EventStore) else store
+        self.master = master
+        self.cache_ttl = cache_ttl
+        self.cache_size = cache_size
+        self._cache: dict[str, tuple[bytes | None, float]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def store(self) -> EventStore:
+        if self._store is None:
+            with self._lock:
+                if self._store is None:
+                    assert self._connect is not None
+                    self._store = self._connect()
+        return self._store
+
+    def close(self) -> None:
+        """Close the store if this object opened it."""
+        if self._connect is not None and self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def _table(self) -> sql.Identifier:
+        return sql.Identifier(self.store.schema, "data_keys")
+
+    def _cached(self, subject: str) -> tuple[bool, bytes | None]:
+        entry = self._cache.get(subject)
+        if entry is None:
+            return False, None
+        key, expires = entry
+        # A forgotten subject (None) stays forgotten: only live keys expire.
+        if key is not None and expires < time.monotonic():
+            return False, None
+        return True, key
+
+    def _remember(self, subject: str, key: bytes | None) -> None:
+        if len(self._cache) >= self.cache_size:
+            self._cache.clear()
+        self._cache[subject] = (key, time.monotonic() + self.cache_ttl)
+
+    def for_write(self, subject: str) -> bytes:
+        """The subject's data key, made now if it has none; :class:`SubjectForgotten` if forgotten."""
+        hit, key = self._cached(subject)
+        if hit:
+            if key is None:
+                raise SubjectForgotten(subject)
+            return key
+        current = self.master.require_current()
+        fresh = AESGCM.generate_key(bit_length=256)
+        with self.store.pool.connection() as conn:
+            made = conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (subject, master_key_id, wrapped_key) VALUES (%s, %s, %s)"
+                    " ON CONFLICT (subject) DO NOTHING RETURNING subject"
+                ).format(self._table()),
+                (subject, current.key_id, current.wrap(subject, fresh)),
+            ).fetchone()
+        if made is not None:
+            self._remember(subject, fresh)
+            return fresh
+        key = self._load(subject)
+        if key is None:
+            raise SubjectForgotten(subject)
+        return key
+
+    def for_read(self, subject: str) -> bytes | None:
+        """The subject's data key, or None once it was forgotten."""
+        hit, key = self._cached(subject)
+        return key if hit else self._load(subject)
+
+    def _load(self, subject: str) -> bytes | None:
+        with self.store.pool.connection() as conn:
+            row = conn.execute(
+                sql.SQL("SELECT master_key_id, wrapped_key FROM {} WHERE subject = %s").format(self._table()),
+                (subject,),
+            ).fetchone()
+        if row is None:
+            raise MissingDataKey(
+                f"no data key for subject {subject} in {self.store.schema}.data_keys: were these events "
+                "written to another store (or schema), without copying its data_keys table?"
+            )
+        key_id, wrapped = row
+        key = None if wrapped is None else self.master.for_id(key_id, subject).unwrap(subject, bytes(wrapped))
+        self._remember(subject, key)
+        return key
+
+    def forget(self, subject: str) -> Forgotten:
+        """Destroy the subject's data key, leaving a tombstone so that none is ever made again.
+
+        Idempotent: forgetting a forgotten subject changes nothing. A subject without a key yet gets
+        the tombstone too, so that no personal data can be recorded for it later.
+        """
+        with self.store.pool.connection() as conn, conn.transaction():
+            destroyed = conn.execute(
+                sql.SQL(
+                    "UPDATE {} SET wrapped_key = NULL, master_key_id = NULL, erased_at = now()"
+                    " WHERE subject = %s AND erased_at IS NULL RETURNING erased_at"
+                ).format(self._table()),
+                (subject,),
+            ).fetchone()
+            if destroyed is not None:
+                result = Forgotten(subject, "destroyed", destroyed[0])
+            else:
+                made = conn.execute(
+                    sql.SQL(
+                        "INSERT INTO {} (subject, erased_at) VALUES (%s, now())"
+                        " ON CONFLICT (subject) DO NOTHING RETURNING erased_at"
+                    ).format(self._table()),
+                    (subject,),
+                ).fetchone()
+                if made is not None:
+                    result = Forgotten(subject, "tombstone", made[0])
+                else:
+                    row = conn.execute(
+                        sql.SQL("SELECT erased_at FROM {} WHERE subject = %s").format(self._table()),
+                        (subject,),
+                    ).fetchone()
+                    assert row is not None
+                    result = Forgotten(subject, "already", row[0])
+        self._remember(subject, None)
+        return result
+
+    def rotate_master(self, batch_size: int = 500) -> int:
+        """Re-wrap every data key not under the current master key; returns how many were re-wrapped.
+
+        Each batch is one transaction, so an interrupted rotation resumes where it stopped. A key
+        wrapped by a master key that is neither current nor previous stops it, naming that key's id.
+        """
+        current = self.master.require_current()
+        done = 0
+        while True:
+            with self.store.pool.connection() as conn, conn.transaction():
+                rows = conn.execute(
+                    sql.SQL(
+                        "SELECT subject, master_key_id, wrapped_key FROM {} WHERE wrapped_key IS NOT NULL"
+                        " AND master_key_id <> %s ORDER BY subject LIMIT %s FOR UPDATE"
+                    ).format(self._table()),
+                    (current.key_id, batch_size),
+                ).fetchall()
+                if not rows:
+                    return done
+                params = []
+                for subject, key_id, wrapped in rows:
+                    key = self.master.for_id(key_id, subject).unwrap(subject, bytes(wrapped))
+                    params.append((current.key_id, current.wrap(subject, key), subject))
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        sql.SQL(
+                            "UPDATE {} SET master_key_id = %s, wrapped_key = %s, rotated_at = now()"
+                            " WHERE subject = %s"
+                        ).format(self._table()),
+                        params,
+                    )
+                done += len(rows)
+
+    def counts(self) -> dict[str, int]:
+        """Data keys per master key id, and forgotten subjects under ``"forgotten"``."""
+        with self.store.pool.connection() as conn:
+            rows = conn.execute(
+                sql.SQL("SELECT coalesce(master_key_id, 'forgotten'), count(*) FROM {} GROUP BY 1").format(
+                    self._table()
+                )
+            ).fetchall()
+        return {str(k): int(n) for k, n in rows}
+
+
+def store_from_env(env: Mapping[str, Any]) -> EventStore:
+    """A small pool on the store the ``DATALAYER_*`` variables of ``env`` name (URL, schema, TLS)."""
+    from eventstore.store import libpq_tls_kwargs
+
+    url = str(
+        env.get("DATALAYER_DATABASE_URL") or "postgresql://datalayer:datalayer@127.0.0.1:5432/datalayer"
+    )
+    tls = libpq_tls_kwargs(
+        env.get("DATALAYER_DATABASE_SSLMODE"),
+        env.get("DATALAYER_DATABASE_TLS_CA_FILE"),
+        env.get("DATALAYER_DATABASE_TLS_CERT_FILE"),
+        env.get("DATALAYER_DATABASE_TLS_KEY_FILE"),
+    )
+    return EventStore.connect(
+        url.replace("postgresql+psycopg://", "postgresql://", 1),
+        schema=str(env.get("DATALAYER_EVENTSTORE_SCHEMA") or "datalayer"),
+        max_size=2,
+        connect_kwargs=tls,
+    )
