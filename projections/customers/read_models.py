@@ -68,28 +68,20 @@ class CustomerDirectory(SqlProjection):
 
     @handles(_Customer.AddressChanged)
     def address_changed(self, event: ProjectedEvent, writes: SqlWrites) -> None:
-        writes.upsert(
-            customers,
-            {
-                "customer_id": as_uuid(event.stream_id),
-                "address": event.data.address,
-                "version": event.stream_version,
-            },
-        )
+        self._update(event, writes, address=event.data.address)
 
     @handles(_Customer.Erased)
     def erased(self, event: ProjectedEvent, writes: SqlWrites) -> None:
-        writes.upsert(
-            customers,
-            {
-                "customer_id": as_uuid(event.stream_id),
-                "name": None,
-                "email": None,
-                "address": None,
-                "erased_at": event.recorded_at,
-                "version": event.stream_version,
-            },
-        )
+        self._update(event, writes, name=None, email=None, address=None, erased_at=event.recorded_at)
+
+    def _update(self, event: ProjectedEvent, writes: SqlWrites, **changes: Any) -> None:
+        """Write the customer's whole row back with ``changes`` (an upsert inserts whole rows)."""
+        row = writes.get(customers, {"customer_id": as_uuid(event.stream_id)})
+        if row is None:
+            # Unreachable when versions are checked (Registered is version 1); raising dead-letters it.
+            raise LookupError(f"customer {event.stream_id} has no row to update")
+        row.update(changes, version=event.stream_version)
+        writes.upsert(customers, row)
 
 
 CUSTOMER = "customer:"

@@ -1,0 +1,354 @@
+"""Crypto-shredding on the real servers: personal fields sealed per customer, and ``forget`` erasing them.
+
+A customer with distinctive personal data goes through the whole pipeline (store, relay, Kafka,
+PostgreSQL and Redis read models); after ``datalayer forget`` none of it can be read anywhere, before
+or after a rebuild, while their orders stay intact and other customers stay readable.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+import redis
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from psycopg import sql
+from sqlalchemy import Engine
+
+from datalayer.settings import Settings
+from domain import ERASED, CommandHandlers, CustomerErased, OrdersApplication
+from eventstore import EventStore
+from eventstore.keys import MASTER_KEY_ENV, PREVIOUS_MASTER_KEY_ENV, MasterKeyError, new_master_key
+from eventstore.personal import SEALED_TAG
+from projections.customers import CustomerCache, CustomerDirectory, customer_key
+from projections.events import event_decoder, event_from_record
+from projections.replay import replay
+from projections.targets import PostgresTarget, RedisTarget
+from tests.helpers import unique_name
+from tests.pipeline import Pipeline, pg_contents, pipeline, redis_contents
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).with_name("datalayer")
+
+# Each contains a space or '@', which base64 (the sealed values) never does: no chance match.
+NAME, EMAIL, ADDRESS, NEW_ADDRESS = (
+    "Private Person",
+    "private.person@example.com",
+    "7 Secret Garden Way",
+    "9 Hidden Mews Close",
+)
+PERSONAL = (NAME, EMAIL, ADDRESS, NEW_ADDRESS)
+OTHER = ("Other Keeper", "other.keeper@example.com", "1 Plain Street")
+
+
+def decoder_for(store: EventStore, **env: str) -> Any:
+    """A decoder opening personal fields with the data keys of ``store`` (this test's schema)."""
+    return event_decoder("Orders", {"DATALAYER_EVENTSTORE_SCHEMA": store.schema, **env})
+
+
+def cli(store: EventStore, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "DATALAYER_EVENTSTORE_SCHEMA": store.schema, **env}
+    return subprocess.run(
+        [str(BIN), *args], capture_output=True, text=True, timeout=120, env=environment, cwd=ROOT
+    )
+
+
+def leaks(text: str | bytes, secrets: tuple[str, ...] = PERSONAL) -> list[str]:
+    """The personal values found in ``text``."""
+    haystack = text.decode(errors="replace") if isinstance(text, bytes) else text
+    return [s for s in secrets if s in haystack]
+
+
+def schema_text(store: EventStore, schema: str) -> str:
+    """Every row of every table of ``schema`` as text: what a copy of the database holds."""
+    with store.pool.connection() as conn:
+        tables = [
+            r[0]
+            for r in conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s"
+                " AND table_type = 'BASE TABLE'",
+                (schema,),
+            ).fetchall()
+        ]
+        rows = []
+        for table in tables:
+            query = sql.SQL("SELECT t::text FROM {} t").format(sql.Identifier(schema, table))
+            rows += [r[0] for r in conn.execute(query).fetchall()]
+    # bytea columns print as hex: decode them too, so raw payload bytes are searched as well.
+    decoded = []
+    for row in rows:
+        for part in row.split("\\\\x")[1:]:
+            hexdigits = part[: len(part) - len(part.lstrip("0123456789abcdef"))]
+            decoded.append(bytes.fromhex(hexdigits[: len(hexdigits) // 2 * 2]).decode(errors="replace"))
+    assert tables, f"no tables in {schema}"
+    return "\n".join(rows + decoded)
+
+
+def kafka_values(settings: Settings, prefix: str, timeout: float = 30.0) -> list[bytes]:
+    """Every record value on every topic starting with ``prefix``, from the beginning."""
+    admin = KafkaAdminClient(**settings.kafka_config())
+    try:
+        topics = [t for t in admin.list_topics() if t.startswith(prefix)]
+    finally:
+        admin.close()
+    consumer = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or ()]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        end = consumer.end_offsets(parts)
+        values: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        while any(consumer.position(tp) < end[tp] for tp in parts):
+            assert time.monotonic() < deadline, "timed out reading the topics back"
+            for records in consumer.poll(timeout_ms=500).values():
+                values += [r.value for r in records]
+        return values
+    finally:
+        consumer.close()
+
+
+class Shredding:
+    """A pipeline with the customer read models of this test's store, live and rebuilt."""
+
+    def __init__(self, pl: Pipeline, engine: Engine, client: redis.Redis) -> None:
+        self.pl = pl
+        self.engine = engine
+        self.redis = client
+        self.directory = PostgresTarget(
+            engine, CustomerDirectory(decoder_for(pl.store)), schema=unique_name("cdir")
+        )
+        self.cache = RedisTarget(
+            client, CustomerCache(decoder_for(pl.store)), prefix=f"dl:{{{unique_name('ccache')}}}:"
+        )
+        self.targets: list[PostgresTarget | RedisTarget] = [self.directory, self.cache]
+
+    def rebuilt(self, target: PostgresTarget | RedisTarget) -> PostgresTarget | RedisTarget:
+        """The same read model replayed from the store into a new schema or prefix."""
+        fresh: PostgresTarget | RedisTarget
+        projection = type(target.projection)(decoder_for(self.pl.store))
+        if isinstance(target, PostgresTarget):
+            fresh = PostgresTarget(self.engine, projection, schema=unique_name("cfresh"))
+        else:
+            fresh = RedisTarget(self.redis, projection, prefix=f"dl:{{{unique_name('cfresh')}}}:")
+        self.targets.append(fresh)
+        fresh.setup()
+        replay(fresh.projection, fresh, self.pl.store)
+        return fresh
+
+    def contents(self, target: PostgresTarget | RedisTarget) -> dict[str, Any]:
+        if isinstance(target, PostgresTarget):
+            return pg_contents(self.engine, target)
+        return redis_contents(self.redis, target.prefix)
+
+    def close(self) -> None:
+        for target in self.targets:
+            target.drop()
+
+
+@pytest.fixture
+def shredding(
+    settings: Settings, store: EventStore, engine: Engine, redis_conn: redis.Redis
+) -> Iterator[Shredding]:
+    with pipeline(settings, store, engine, redis_conn) as pl:
+        s = Shredding(pl, engine, redis_conn)
+        try:
+            yield s
+        finally:
+            s.close()
+
+
+def register(commands: CommandHandlers, name: str, email: str, address: str) -> UUID:
+    return commands.register_customer({"name": name, "email": email, "address": address}).stream_id
+
+
+def test_forget_erases_a_customer_from_the_store_kafka_and_every_read_model(
+    settings: Settings, shredding: Shredding
+) -> None:
+    pl = shredding.pl
+    _, products = pl.seed_catalog(products=3)
+    customer = register(pl.commands, NAME, EMAIL, ADDRESS)
+    pl.commands.change_customer_address({"customer_id": customer, "address": NEW_ADDRESS})
+    other = register(pl.commands, *OTHER)
+    pl.order_flow(customer, products, 6)
+    pl.order_flow(other, products, 2)
+
+    # Sealed from the first write: no copy of the database holds them in clear, even before forget.
+    assert leaks(schema_text(pl.store, pl.store.schema)) == []
+    payload = pl.store.read_stream(customer)[0].payload
+    assert SEALED_TAG.encode() in payload and b'"subject":"' + str(customer).encode() in payload
+
+    pl.start_relay()
+    for target in (*shredding.targets, pl.views):
+        target.setup()
+        pl.start_consumer(target)
+    for target in (*shredding.targets, pl.views):
+        pl.wait_caught_up(target)
+    # The read models hold the data (opened by the decoder): what there is to erase.
+    rows = {r["customer_id"]: r for r in shredding.contents(shredding.directory)["customers"]}
+    assert (rows[customer]["name"], rows[customer]["address"]) == (NAME, NEW_ADDRESS)
+    assert redis_contents(shredding.redis, shredding.cache.prefix)[customer_key(customer)][b"email"] == (
+        EMAIL.encode()
+    )
+    orders_before = pl.read_model(pl.views)
+    customer_orders = [r for r in orders_before["order_summaries"] if r["customer_id"] == customer]
+    assert len(customer_orders) == 6
+    # Kafka carries the sealed fields only: its retention never holds the data in clear.
+    values = kafka_values(settings, pl.topic_prefix)
+    assert any(str(customer).encode() in v and SEALED_TAG.encode() in v for v in values)
+    assert [leaks(v) for v in values if leaks(v)] == []
+
+    forgotten = cli(pl.store, "forget", str(customer), "--reason", "ticket 4711", "--actor", "dpo")
+    assert forgotten.returncode == 0, forgotten.stderr
+    assert f"forgot customer {customer}: data key destroyed" in forgotten.stdout
+
+    # The erasure event: who and why, no personal data, last in the customer's stream.
+    erasure = pl.store.read_stream(customer)[-1]
+    assert erasure.event_type == "domain.customer:Customer.Erased"
+    assert b'"reason":"ticket 4711"' in erasure.payload and b'"actor":"dpo"' in erasure.payload
+    assert leaks(erasure.payload) == []
+
+    # The store: the aggregate loads with the marker; the raw rows never held the data.
+    loaded = OrdersApplication(env=settings.eventsourcing_env(pl.store.schema)).get_customer(customer)
+    assert (loaded.name, loaded.email, loaded.address, loaded.erased) == (ERASED, ERASED, ERASED, True)
+    assert pl.app.get_customer(other).name == OTHER[0]
+    with pl.store.pool.connection() as conn:
+        row = conn.execute(
+            sql.SQL("SELECT wrapped_key, erased_at FROM {} WHERE subject = %s").format(
+                sql.Identifier(pl.store.schema, "data_keys")
+            ),
+            (str(customer),),
+        ).fetchone()
+    assert row is not None and row[0] is None and row[1] is not None
+    assert leaks(schema_text(pl.store, pl.store.schema)) == []
+
+    # The live read models purged the customer on the erasure event; the others are untouched.
+    for target in (*shredding.targets, pl.views):
+        pl.wait_caught_up(target)
+    rows = {r["customer_id"]: r for r in shredding.contents(shredding.directory)["customers"]}
+    assert (rows[customer]["name"], rows[customer]["email"], rows[customer]["address"]) == (None, None, None)
+    assert rows[customer]["erased_at"] is not None
+    assert (rows[other]["name"], rows[other]["email"], rows[other]["address"]) == OTHER
+    cached = redis_contents(shredding.redis, shredding.cache.prefix)
+    assert customer_key(customer) not in cached
+    assert cached[customer_key(other)][b"name"] == OTHER[0].encode()
+    assert leaks(schema_text(pl.store, shredding.directory.schema)) == []
+    assert leaks(repr(cached)) == []
+    # Their orders (amounts, products) are intact in the order read models.
+    assert pl.read_model(pl.views) == orders_before
+
+    # Rebuilds after the erasure never bring the data back, and equal the live, purged read models.
+    for live in shredding.targets[:2]:
+        fresh = shredding.rebuilt(live)
+        assert shredding.contents(fresh) == shredding.contents(live)
+        assert leaks(repr(shredding.contents(fresh))) == []
+    # Every event the decoder reads back for the customer shows the marker instead of the data.
+    decoder = decoder_for(pl.store)
+    opened = []
+    for recorded in pl.store.read_stream(customer):
+        event = event_from_record(recorded)
+        decoder.bind(event)
+        marker = getattr(type(event.data), "personal_data", None)
+        opened += [getattr(event.data, field) for field in (marker.fields if marker else ())]
+    assert opened == [ERASED] * 4  # name, email, address of Registered; address of AddressChanged
+
+    # Kafka, after the erasure event went through: still nothing in clear.
+    assert [leaks(v) for v in kafka_values(settings, pl.topic_prefix) if leaks(v)] == []
+
+    # Nothing more can be recorded for the customer; forgetting again is a no-op that says so.
+    with pytest.raises(CustomerErased):
+        CommandHandlers(
+            OrdersApplication(env=settings.eventsourcing_env(pl.store.schema))
+        ).change_customer_address({"customer_id": customer, "address": "1 New Road"})
+    again = cli(pl.store, "forget", str(customer), "--reason", "ticket 4711")
+    assert again.returncode == 0, again.stderr
+    assert "already forgotten" in again.stdout
+    assert [e.event_type.rsplit(".", 1)[-1] for e in pl.store.read_stream(customer)].count("Erased") == 1
+
+
+def test_forget_of_an_unknown_customer_is_an_error(store: EventStore) -> None:
+    store.migrate()
+    unknown = uuid.uuid4()
+    result = cli(store, "forget", str(unknown), "--reason", "ticket 1")
+    assert result.returncode == 1
+    assert f"no customer {unknown}" in result.stdout + result.stderr
+    bad = cli(store, "forget", "not-a-uuid", "--reason", "ticket 1")
+    assert bad.returncode == 2
+    assert "not a customer id" in bad.stderr
+
+
+def test_rotating_the_master_key_keeps_data_readable_and_forgotten_data_erased(
+    settings: Settings, store: EventStore
+) -> None:
+    old = os.environ[MASTER_KEY_ENV]
+    new = new_master_key()
+    app = OrdersApplication(env=settings.eventsourcing_env(store.schema))
+    commands = CommandHandlers(app)
+    kept = register(commands, *OTHER)
+    gone = register(commands, NAME, EMAIL, ADDRESS)
+    assert cli(store, "forget", str(gone), "--reason", "ticket 9").returncode == 0
+
+    # The new key alone cannot open data keys wrapped by the old one: the error names the variables.
+    with_new_only = {**settings.eventsourcing_env(store.schema), MASTER_KEY_ENV: new}
+    with pytest.raises(MasterKeyError, match=f"{MASTER_KEY_ENV}.*{PREVIOUS_MASTER_KEY_ENV}"):
+        OrdersApplication(env=with_new_only).get_customer(kept)
+
+    missing = cli(store, "keys", "rotate-master", **{MASTER_KEY_ENV: new})
+    assert missing.returncode == 1 and PREVIOUS_MASTER_KEY_ENV in missing.stderr
+    rotated = cli(store, "keys", "rotate-master", **{MASTER_KEY_ENV: new, PREVIOUS_MASTER_KEY_ENV: old})
+    assert rotated.returncode == 0, rotated.stderr
+    assert "re-wrapped 1 data key(s)" in rotated.stdout
+    # Resumable and idempotent: nothing left to do.
+    assert (
+        "re-wrapped 0"
+        in cli(store, "keys", "rotate-master", **{MASTER_KEY_ENV: new, PREVIOUS_MASTER_KEY_ENV: old}).stdout
+    )
+    status = cli(store, "keys", "status", **{MASTER_KEY_ENV: new})
+    assert status.returncode == 0 and "1  forgotten subjects" in status.stdout
+    assert new not in status.stdout + rotated.stdout + rotated.stderr
+    assert old not in status.stdout + rotated.stdout + rotated.stderr
+
+    # Under the new key alone, the kept customer reads as before (store and decoder alike)...
+    customer = OrdersApplication(env=with_new_only).get_customer(kept)
+    assert (customer.name, customer.email, customer.address) == OTHER
+    # ...the forgotten one stays erased, and the old key no longer opens anything.
+    assert OrdersApplication(env=with_new_only).get_customer(gone).name == ERASED
+    with pytest.raises(MasterKeyError, match=MASTER_KEY_ENV):
+        OrdersApplication(env=settings.eventsourcing_env(store.schema)).get_customer(kept)
+    # New customers get keys under the new master key.
+    register(CommandHandlers(OrdersApplication(env=with_new_only)), "New Comer", "new@example.com", "2 Road")
+    assert cli(store, "keys", "status", **{MASTER_KEY_ENV: new}).stdout.count("data keys under") == 1
+
+
+def test_a_missing_or_malformed_master_key_is_a_clear_error(settings: Settings, store: EventStore) -> None:
+    app = OrdersApplication(env=settings.eventsourcing_env(store.schema))
+    customer = register(CommandHandlers(app), *OTHER)
+    no_key = {**settings.eventsourcing_env(store.schema), MASTER_KEY_ENV: ""}
+    with pytest.raises(MasterKeyError, match=f"{MASTER_KEY_ENV} \\(or {MASTER_KEY_ENV}_FILE\\) is not set"):
+        register(CommandHandlers(OrdersApplication(env=no_key)), *OTHER)
+    with pytest.raises(MasterKeyError, match="is not set"):
+        OrdersApplication(env=no_key).get_customer(customer)
+    # Events without personal data need no master key.
+    CommandHandlers(OrdersApplication(env=no_key)).create_product(
+        {"sku": "S-1", "name": "Thing", "price": Decimal("1.00")}
+    )
+    # A malformed key: named, and its value never shown.
+    malformed = "not-a-key-" + uuid.uuid4().hex
+    with pytest.raises(MasterKeyError) as info:
+        OrdersApplication(env={**no_key, MASTER_KEY_ENV: malformed}).get_customer(customer)
+    assert MASTER_KEY_ENV in str(info.value) and malformed not in str(info.value)
+    # A consumer's decoder without the key fails the same way (it is not dead-lettered as malformed).
+    event = event_from_record(store.read_stream(customer)[0])
+    decoder = decoder_for(store, **{MASTER_KEY_ENV: ""})
+    decoder.bind(event)
+    with pytest.raises(MasterKeyError, match=MASTER_KEY_ENV):
+        _ = event.data
