@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import psycopg
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from psycopg import sql
@@ -342,6 +343,69 @@ class DataKeys:
                 )
             ).fetchall()
         return {str(k): int(n) for k, n in rows}
+
+
+_KEY_COLUMNS = ("subject", "master_key_id", "wrapped_key", "created_at", "rotated_at", "erased_at")
+
+
+def dump_data_keys(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, Any]]:
+    """Every row of ``schema``'s data keys, JSON-ready (the wrapped key in base64): for exports.
+
+    Wrapped keys open only with the master key, which is never exported; tombstones travel too, so
+    a restored store keeps forgotten subjects forgotten.
+    """
+    rows = conn.execute(
+        sql.SQL("SELECT {} FROM {} ORDER BY subject").format(
+            sql.SQL(", ").join(map(sql.Identifier, _KEY_COLUMNS)), sql.Identifier(schema, "data_keys")
+        )
+    ).fetchall()
+    dumped = []
+    for row in rows:
+        item = dict(zip(_KEY_COLUMNS, row, strict=True))
+        item["wrapped_key"] = None if row[2] is None else base64.b64encode(bytes(row[2])).decode("ascii")
+        for column in ("created_at", "rotated_at", "erased_at"):
+            item[column] = None if item[column] is None else item[column].isoformat()
+        dumped.append(item)
+    return dumped
+
+
+def load_data_keys(conn: psycopg.Connection[Any], schema: str, rows: list[dict[str, Any]]) -> int:
+    """Insert rows of :func:`dump_data_keys` into ``schema`` (inside the caller's transaction).
+
+    A subject the target already has keeps its row, except that a tombstone always wins: a subject
+    forgotten in either store stays forgotten. Raises ``ValueError`` naming a malformed row.
+    """
+    params = []
+    for number, item in enumerate(rows, start=1):
+        try:
+            wrapped = item["wrapped_key"]
+            params.append(
+                (
+                    str(item["subject"]),
+                    item["master_key_id"],
+                    None if wrapped is None else base64.b64decode(wrapped, validate=True),
+                    item["created_at"],
+                    item["rotated_at"],
+                    item["erased_at"],
+                )
+            )
+        except (KeyError, TypeError, binascii.Error) as exc:
+            raise ValueError(f"data key {number}: malformed ({type(exc).__name__}: {exc})") from None
+    if params:
+        with conn.cursor() as cur:
+            cur.executemany(
+                sql.SQL(
+                    "INSERT INTO {} ({}) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (subject) DO UPDATE"
+                    " SET master_key_id = NULL, wrapped_key = NULL, erased_at = excluded.erased_at"
+                    " WHERE excluded.erased_at IS NOT NULL AND {}.erased_at IS NULL"
+                ).format(
+                    sql.Identifier(schema, "data_keys"),
+                    sql.SQL(", ").join(map(sql.Identifier, _KEY_COLUMNS)),
+                    sql.Identifier("data_keys"),
+                ),
+                params,
+            )
+    return len(params)
 
 
 def store_from_env(env: Mapping[str, Any]) -> EventStore:

@@ -26,6 +26,7 @@ import psycopg
 from psycopg import sql
 
 from eventstore.errors import EventStoreError
+from eventstore.keys import dump_data_keys, load_data_keys
 from eventstore.migrations import current_version
 from eventstore.portable import BATCH_SIZE, Progress
 from eventstore.records import LOG_START, NO_METADATA, EventMetadata, LogPosition, NewEvent, RecordedEvent
@@ -182,6 +183,12 @@ def migrate_events(
             progress(run_events)
         if len(kept) < batch_size:
             break
+    # The data keys the copied events were sealed with (and the tombstones): personal fields open
+    # in the target as in the source, and forgotten subjects stay forgotten.
+    with source.pool.connection() as conn:
+        keys = dump_data_keys(conn, source.schema)
+    with target.pool.connection() as conn, conn.transaction():
+        load_data_keys(conn, target.schema, keys)
     return _verify(source, target, transform_name, state, resumed_from, run_events, started)
 
 

@@ -1,10 +1,12 @@
 """The event log as a portable file: JSON Lines, streamed out of one store and into an empty one.
 
-A file is a header line, one line per event in commit order with every stored field, and a trailer
-with the event count and a SHA-256 over the event lines, so an import can tell a complete file from
-a truncated or damaged one. A payload that is a JSON object in canonical form is embedded as JSON
-(readable, greppable); any other payload (ciphertext, compressed bytes) is base64 of the stored
-bytes. Either way an import stores exactly the bytes that were exported.
+A file is a header line, one line per event in commit order with every stored field, one line per
+data key (``{"data_key": ...}``: wrapped per-subject keys and tombstones of forgotten subjects, see
+:mod:`eventstore.keys`), and a trailer with the counts and a SHA-256 over the event and key lines,
+so an import can tell a complete file from a truncated or damaged one. A payload that is a JSON
+object in canonical form is embedded as JSON (readable, greppable); any other payload (ciphertext,
+compressed bytes) is base64 of the stored bytes. Either way an import stores exactly the bytes that
+were exported.
 """
 
 from __future__ import annotations
@@ -29,12 +31,15 @@ import orjson
 from psycopg import sql
 
 from eventstore.errors import EventStoreError
+from eventstore.keys import dump_data_keys, load_data_keys
 from eventstore.migrations import current_version
 from eventstore.records import LOG_START, NO_METADATA, EventMetadata, LogPosition, NewEvent, RecordedEvent
 from eventstore.store import EventStore, ImportRow
 
 FORMAT = "datalayer.events"
-FORMAT_VERSION = 1
+# 2 added the data key lines; version 1 files (events only) still import.
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 BATCH_SIZE = 5000
 
 # Called after each batch with the number of events exported or imported so far.
@@ -121,7 +126,14 @@ def export_log(
             progress(count)
         if done:
             break
-    trailer = {"trailer": FORMAT, "events": count, "sha256": digest.hexdigest()}
+    # The keys after the events: every key an exported event was sealed with exists by now.
+    with store.pool.connection() as conn:
+        keys = dump_data_keys(conn, store.schema)
+    for key in keys:
+        line = orjson.dumps({"data_key": key}, option=orjson.OPT_APPEND_NEWLINE)
+        digest.update(line)
+        out.write(line)
+    trailer = {"trailer": FORMAT, "events": count, "data_keys": len(keys), "sha256": digest.hexdigest()}
     out.write(orjson.dumps(trailer, option=orjson.OPT_APPEND_NEWLINE))
     out.flush()
     return TransferSummary(
@@ -202,6 +214,12 @@ def import_log(
                 count += imported
                 if progress is not None:
                     progress(count)
+            for _ in rows:  # a file without events: read on to the trailer all the same
+                pass
+            try:
+                load_data_keys(conn, store.schema, reader.data_keys)
+            except ValueError as exc:
+                raise PortableFileError(str(exc)) from None
     except PortableFileError as exc:
         raise PortableFileError(f"{exc}; nothing was imported into schema {store.schema}") from None
     return TransferSummary(count, reader.sha256, time.monotonic() - started, reader.last_position)
@@ -214,6 +232,7 @@ class _Reader:
         self._lines = self._numbered(source)
         self._digest = hashlib.sha256()
         self.last_position: LogPosition | None = None
+        self.data_keys: list[dict[str, Any]] = []
         first = next(self._lines, None)
         if first is None:
             raise PortableFileError("the file is empty")
@@ -221,7 +240,7 @@ class _Reader:
         if header.get("format") != FORMAT:
             raise PortableFileError(f"not a {FORMAT} export (its first line has no format {FORMAT!r})")
         version = header.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in _READABLE_VERSIONS:
             raise PortableFileError(
                 f"format version {version!r} is not one this code reads ({FORMAT_VERSION})"
             )
@@ -242,6 +261,11 @@ class _Reader:
                         raise PortableFileError(f"line {extra}: data after the trailer")
                 return
             self._digest.update(line)
+            if "data_key" in data:
+                if not isinstance(data["data_key"], dict):
+                    raise PortableFileError(f"line {number}: data_key is not a JSON object")
+                self.data_keys.append(data["data_key"])
+                continue
             yield _import_row(number, data)
             xid, position = data.get("transaction_id"), data.get("position")  # the source's, informative
             if isinstance(xid, int) and isinstance(position, int):
@@ -253,6 +277,11 @@ class _Reader:
         if trailer.get("events") != count:
             raise PortableFileError(
                 f"the trailer counts {trailer.get('events')} events, the file holds {count}"
+            )
+        if trailer.get("data_keys", 0) != len(self.data_keys):
+            raise PortableFileError(
+                f"the trailer counts {trailer.get('data_keys')} data keys, "
+                f"the file holds {len(self.data_keys)}"
             )
         if trailer.get("sha256") != self._digest.hexdigest():
             raise PortableFileError("the event lines do not match the trailer's SHA-256: the file is damaged")

@@ -7,6 +7,7 @@ or after a rebuild, while their orders stay intact and other customers stay read
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 import sys
@@ -28,7 +29,9 @@ from datalayer.settings import Settings
 from domain import ERASED, CommandHandlers, CustomerErased, OrdersApplication
 from eventstore import EventStore
 from eventstore.keys import MASTER_KEY_ENV, PREVIOUS_MASTER_KEY_ENV, MasterKeyError, new_master_key
+from eventstore.migrate_events import migrate_events
 from eventstore.personal import SEALED_TAG
+from eventstore.portable import export_log, import_log, open_export, open_import
 from projections.customers import CustomerCache, CustomerDirectory, customer_key
 from projections.events import event_decoder, event_from_record
 from projections.replay import replay
@@ -352,3 +355,40 @@ def test_a_missing_or_malformed_master_key_is_a_clear_error(settings: Settings, 
     decoder.bind(event)
     with pytest.raises(MasterKeyError, match=MASTER_KEY_ENV):
         _ = event.data
+
+
+def test_exports_and_migrations_carry_the_data_keys_and_keep_forgotten_subjects_forgotten(
+    settings: Settings, store: EventStore, empty_store: EventStore, tmp_path: Path
+) -> None:
+    commands = CommandHandlers(OrdersApplication(env=settings.eventsourcing_env(store.schema)))
+    kept = register(commands, *OTHER)
+    gone = register(commands, NAME, EMAIL, ADDRESS)
+    assert cli(store, "forget", str(gone), "--reason", "ticket 7").returncode == 0
+
+    path = str(tmp_path / "log.jsonl.gz")
+    with open_export(path) as out:
+        summary = export_log(store, out)
+    assert summary.events == 3  # two Registered, one Erased
+    exported = gzip.decompress(Path(path).read_bytes())
+    assert leaks(exported, (*PERSONAL, *OTHER)) == []  # wrapped keys and sealed fields only
+    assert b'"data_keys":2' in exported.splitlines()[-1]
+    with open_import(path) as source:
+        import_log(empty_store, source)
+    restored = OrdersApplication(env=settings.eventsourcing_env(empty_store.schema))
+    customer = restored.get_customer(kept)
+    assert (customer.name, customer.email, customer.address) == OTHER
+    assert restored.get_customer(gone).name == ERASED
+
+    migrated_schema = unique_name("shredmig")
+    target = EventStore.connect(
+        settings.psycopg_url(), migrated_schema, max_size=2, connect_kwargs=settings.postgres_connect_kwargs()
+    )
+    try:
+        assert migrate_events(store, target).ok
+        moved = OrdersApplication(env=settings.eventsourcing_env(migrated_schema))
+        assert moved.get_customer(kept).address == OTHER[2]
+        assert moved.get_customer(gone).address == ERASED
+    finally:
+        with target.pool.connection() as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(migrated_schema)))
+        target.close()

@@ -116,7 +116,12 @@ def test_export_then_import_gives_byte_identical_events(
     lines = (gzip.decompress(raw) if name.endswith(".gz") else raw).splitlines()
     header, events, trailer = orjson.loads(lines[0]), lines[1:-1], orjson.loads(lines[-1])
     assert header["format"] == "datalayer.events" and header["source_schema"] == store.schema
-    assert trailer == {"trailer": "datalayer.events", "events": count, "sha256": exported.sha256}
+    assert trailer == {
+        "trailer": "datalayer.events",
+        "events": count,
+        "data_keys": 0,
+        "sha256": exported.sha256,
+    }
     assert any(b'"payload":{' in line for line in events)  # canonical JSON payloads are readable
     assert any(b'"payload_base64":' in line for line in events)
 
