@@ -2,7 +2,7 @@
 # The local stack without Docker: PostgreSQL and Redis from Debian packages, Apache Kafka (KRaft,
 # single node) from Maven Central jars, all on loopback, state under .stack/ (git-ignored).
 #
-#   stack/stack.sh up [--tls] | down | status | env [--tls]
+#   stack/stack.sh up [--tls] | down | status | env [--tls] | certs
 #
 # `up` installs what is missing, starts what is not running and waits until every server answers a
 # real client round trip. It is idempotent: with everything running it only re-checks. `down` stops
@@ -174,6 +174,11 @@ tls_leaf() { # name subject extension-lines... -- a key and a certificate signed
   rm -f "$name.csr" "$name.ext"
 }
 
+tls_truststore() { # dir -- the broker's trust store, a PKCS12 file keytool writes (Java accepts it)
+  "$(keytool_bin)" -importcert -noprompt -alias datalayer-ca -file "$1/ca.crt" -storetype PKCS12 \
+    -keystore "$1/kafka.truststore.p12" -storepass "$(cat "$1/store.pass")"
+}
+
 tls_make() { # dir
   set -e
   cd "$1"
@@ -195,15 +200,22 @@ tls_make() { # dir
   pass=$(cat store.pass)
   openssl pkcs12 -export -name broker -in server.crt -inkey server.key -certfile ca.crt \
     -passout "pass:$pass" -out kafka.keystore.p12
-  "$(keytool_bin)" -importcert -noprompt -alias datalayer-ca -file ca.crt -storetype PKCS12 \
-    -keystore kafka.truststore.p12 -storepass "$pass"
+  # Without Java (`certs` for compose.tls.yaml, whose broker trusts ca.crt as PEM) there is no keytool:
+  # `up` installs Java first and makes the trust store then (tls_up).
+  if command -v java >/dev/null || command -v keytool >/dev/null; then tls_truststore .; fi
   rm -f ca.cnf ca.srl
   chmod 644 ca.crt server.crt client.crt
   openssl verify -CAfile ca.crt server.crt client.crt
 }
 
 tls_up() {
-  [ -f "$TLS_DIR/ready" ] && return 0
+  if [ -f "$TLS_DIR/ready" ]; then
+    # Made by `certs` on a machine without Java: the trust store is the one file still missing.
+    if [ ! -f "$TLS_DIR/kafka.truststore.p12" ] && { command -v java || command -v keytool; } >/dev/null; then
+      (umask 077; tls_truststore "$TLS_DIR") >>"$LOGS/tls.log" 2>&1 || die "making the trust store failed; see $LOGS/tls.log"
+    fi
+    return 0
+  fi
   log "tls: making a throwaway CA and certificates for 127.0.0.1/localhost in $TLS_DIR"
   local tmp=$TLS_DIR.new
   rm -rf "$tmp"; mkdir -p "$tmp"
@@ -577,6 +589,13 @@ cmd_env() { # [--tls] -- exports for this stack instance's clients (and the test
   fi
 }
 
+cmd_certs() { # the throwaway CA and certificates only, e.g. for compose.tls.yaml (needs openssl)
+  mkdir -p "$STATE" "$LOGS"
+  command -v openssl >/dev/null || die "openssl is needed to make the certificates"
+  tls_up
+  log "tls: CA and certificates in $TLS_DIR (CA $TLS_DIR/ca.crt)"
+}
+
 cmd_down() {
   find_pg_bin || true
   kafka_down
@@ -612,5 +631,6 @@ case "${1:-}" in
   down) cmd_down ;;
   status) cmd_status ;;
   env) shift; cmd_env "$@" ;;
-  *) die "usage: stack/stack.sh up [--tls] | down | status | env [--tls]" ;;
+  certs) cmd_certs ;;
+  *) die "usage: stack/stack.sh up [--tls] | down | status | env [--tls] | certs" ;;
 esac

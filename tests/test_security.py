@@ -39,6 +39,15 @@ from sqlalchemy.exc import ProgrammingError
 from datalayer.clients import check_kafka_tls, postgres_connection, postgres_engine, redis_client
 from datalayer.settings import Settings, load_settings
 from eventstore import EventStore, NewEvent, privileges
+from eventstore.keys import (
+    MASTER_KEY_ENV,
+    PREVIOUS_MASTER_KEY_ENV,
+    DataKeys,
+    MasterKey,
+    MasterKeys,
+    new_master_key,
+)
+from eventstore.migrations import available_migrations
 from eventstore.privileges import create_store_roles, drop_store_roles, store_roles
 from eventstore.relay import load_checkpoint
 from projections.generations import REGISTRY_SCHEMA, PostgresGenerations
@@ -360,6 +369,9 @@ def test_the_app_role_appends_but_the_database_refuses_rewrites(
             "TRUNCATE {}.events",
             "UPDATE {}.snapshots SET payload = ''",
             "DELETE FROM {}.snapshots",
+            # Destroying or re-wrapping data keys is the owner's (forget, keys rotate-master).
+            "UPDATE {}.data_keys SET wrapped_key = NULL",
+            "DELETE FROM {}.data_keys",
             "SELECT * FROM {}.relay_checkpoints",
         ):
             with pytest.raises(pg_errors.InsufficientPrivilege) as info:
@@ -391,7 +403,8 @@ def test_roles_made_before_the_first_migration_cover_its_tables(
     schema = sandbox.store(migrate_first=False)
     roles = store_roles(schema)
     with sandbox.connect(settings.psycopg_url(), schema) as es:
-        assert [m.version for m in es.migrate()] == [1, 2]  # run as the owner role, then granted
+        # Run as the owner role, then granted.
+        assert [m.version for m in es.migrate()] == [m.version for m in available_migrations()]
     owner = sandbox.admin.execute(
         "SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = %s::regclass", (f"{schema}.events",)
     ).fetchone()
@@ -399,6 +412,10 @@ def test_roles_made_before_the_first_migration_cover_its_tables(
     user, password = sandbox.login(roles.app)
     with sandbox.connect(url_as(settings, user, password), schema) as es:
         es.append(uuid.uuid4(), "Order", [NewEvent(uuid.uuid4(), "Placed", b"{}")], 0)
+        # The app role makes a new subject's data key and reads it back (INSERT, SELECT on data_keys).
+        master = MasterKeys(MasterKey(os.urandom(32), MASTER_KEY_ENV))
+        made = DataKeys(es, master).for_write("subject-1")
+        assert DataKeys(es, master).for_read("subject-1") == made
 
 
 @pytest.fixture
@@ -598,3 +615,41 @@ def test_passwords_never_appear_in_output_or_logs(settings: Settings, sandbox: R
 
     for output in outputs:
         assert secret not in output
+
+
+def test_the_master_key_never_appears_in_output_or_logs(store: EventStore, tmp_path: Path) -> None:
+    store.migrate()
+    master, previous = new_master_key(), new_master_key()
+    env = {**os.environ, "DATALAYER_EVENTSTORE_SCHEMA": store.schema, MASTER_KEY_ENV: master}
+    outputs = []
+    for args, extra in (
+        (["settings"], {}),
+        (["keys", "status"], {}),
+        (["forget", str(uuid.uuid4()), "--reason", "test"], {}),
+        (["keys", "rotate-master"], {PREVIOUS_MASTER_KEY_ENV: previous}),
+        (["keys", "rotate-master"], {}),
+        # Malformed: the error names the variable, not the value.
+        (["keys", "rotate-master"], {MASTER_KEY_ENV: master[:20], PREVIOUS_MASTER_KEY_ENV: previous}),
+    ):
+        done = subprocess.run(
+            [str(BIN), *args], capture_output=True, text=True, timeout=60, env={**env, **extra}
+        )
+        outputs.append(done.stdout + done.stderr)
+    assert "re-wrapped 0 data key(s)" in outputs[3]
+    assert f"{PREVIOUS_MASTER_KEY_ENV} (or" in outputs[4]
+    assert f"{MASTER_KEY_ENV} must hold 32 random bytes" in outputs[5]
+    # A key file: the same, and its content is never shown either.
+    key_file = tmp_path / "master.key"
+    key_file.write_text(master + "\n")
+    file_env = {k: v for k, v in env.items() if k != MASTER_KEY_ENV}
+    done = subprocess.run(
+        [str(BIN), "keys", "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**file_env, f"{MASTER_KEY_ENV}_FILE": str(key_file)},
+    )
+    assert done.returncode == 0, done.stderr
+    outputs.append(done.stdout + done.stderr)
+    for output in outputs:
+        assert master not in output and previous not in output and master[:20] not in output
