@@ -60,3 +60,53 @@ def test_compose_matches_the_default_settings() -> None:
     assert kafka["environment"]["KAFKA_ADVERTISED_LISTENERS"] == f"PLAINTEXT://{host}:{port}"
     for name, service in services.items():
         assert "healthcheck" in service, f"{name} has no healthcheck"
+
+
+COMPOSE_TLS = COMPOSE.with_name("compose.tls.yaml")
+STACK = COMPOSE.parent / "stack"
+
+
+def test_compose_tls_config_validates_with_the_base_file() -> None:
+    command = _compose_command()
+    if command is None:
+        pytest.skip("no docker compose client on this machine")
+    result = subprocess.run(
+        [*command, "-f", str(COMPOSE), "-f", str(COMPOSE_TLS), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_tls_offers_what_the_stack_script_offers() -> None:
+    """The same TLS ports and broker settings as stack/stack.sh, from the files `stack.sh certs` makes."""
+    services: dict[str, Any] = yaml.safe_load(COMPOSE_TLS.read_text())["services"]
+    script = (STACK / "stack.sh").read_text()
+    broker = (STACK / "kafka" / "server.properties").read_text()
+    # The stack's default TLS ports, published on loopback as the plaintext ones are.
+    assert "REDIS_TLS_PORT=${DATALAYER_REDIS_TLS_PORT:-6380}" in script
+    assert "KAFKA_TLS_PORT=${DATALAYER_KAFKA_TLS_PORT:-9094}" in script
+    assert "127.0.0.1:6380:6380" in services["redis"]["ports"]
+    assert "127.0.0.1:9094:9094" in services["kafka"]["ports"]
+    redis_args = services["redis"]["command"]
+    assert redis_args[redis_args.index("--tls-port") + 1] == "6380"
+    assert redis_args[redis_args.index("--tls-auth-clients") + 1] == "optional"
+    assert "tls-auth-clients optional" in script
+    pg_args = services["postgres"]["command"]
+    assert "ssl=on" in pg_args
+    kafka = services["kafka"]["environment"]
+    assert "SSL://127.0.0.1:9094" in kafka["KAFKA_ADVERTISED_LISTENERS"]
+    assert "PLAINTEXT://127.0.0.1:9092" in kafka["KAFKA_ADVERTISED_LISTENERS"]
+    assert kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"] == "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL"
+    for key in ("client.auth", "enabled.protocols", "keystore.type"):
+        value = kafka["KAFKA_LISTENER_NAME_SSL_SSL_" + key.replace(".", "_").upper()]
+        assert f"listener.name.ssl.ssl.{key}={value}" in broker
+    # Every file the services read is one the stack's certificate step makes.
+    made = {"ca.crt", "server.crt", "server.key", "kafka.keystore.p12", "store.pass"}
+    text = COMPOSE_TLS.read_text()
+    for name in made:
+        assert f"/tls/{name}" in text
+        assert name in script
+    for service in services.values():
+        assert "./.stack/tls:/tls:ro" in service["volumes"]

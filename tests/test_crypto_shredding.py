@@ -267,6 +267,10 @@ def test_forget_erases_a_customer_from_the_store_kafka_and_every_read_model(
     # Kafka, after the erasure event went through: still nothing in clear.
     assert [leaks(v) for v in kafka_values(settings, pl.topic_prefix) if leaks(v)] == []
 
+    # A customer is never snapshotted: a snapshot would hold the personal fields outside the sealing.
+    with pytest.raises(ValueError, match="holds personal data: its snapshots are refused"):
+        pl.app.take_snapshot(other)
+
     # Nothing more can be recorded for the customer; forgetting again is a no-op that says so.
     with pytest.raises(CustomerErased):
         CommandHandlers(
