@@ -36,7 +36,7 @@ from projections.customers import CustomerCache, CustomerDirectory, customer_key
 from projections.events import event_decoder, event_from_record
 from projections.replay import replay
 from projections.targets import PostgresTarget, RedisTarget
-from tests.helpers import unique_name
+from tests.helpers import unique_name, wait_until
 from tests.pipeline import Pipeline, pg_contents, pipeline, redis_contents
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -396,3 +396,55 @@ def test_exports_and_migrations_carry_the_data_keys_and_keep_forgotten_subjects_
         with target.pool.connection() as conn:
             conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(migrated_schema)))
         target.close()
+
+
+def aof_files(client: redis.Redis) -> list[Path]:
+    """The server's append-only files, when they are on this machine (the local stack's are)."""
+    folder = Path(str(client.config_get("dir")["dir"])) / str(
+        client.config_get("appenddirname")["appenddirname"]
+    )
+    if client.config_get("appendonly")["appendonly"] != "yes" or not folder.is_dir():
+        pytest.skip(f"no append-only files of this Redis server at {folder}")
+    return sorted(folder.iterdir())
+
+
+def rewrite_aof(client: redis.Redis) -> None:
+    """BGREWRITEAOF, waited for: afterwards the files hold the data set as it is, not its history."""
+    before = client.info("persistence")["aof_rewrites"]
+    wait_until(
+        lambda: client.info("persistence")["aof_rewrite_in_progress"] == 0, what="no AOF rewrite running"
+    )
+    client.bgrewriteaof()
+
+    def done() -> bool:
+        info = client.info("persistence")
+        return info["aof_rewrites"] > before and not info["aof_rewrite_in_progress"]
+
+    wait_until(done, timeout=60, what="the AOF rewrite")
+
+
+def test_a_redis_dump_loses_the_data_once_the_purge_is_rewritten(
+    settings: Settings, store: EventStore, redis_conn: redis.Redis
+) -> None:
+    files = aof_files(redis_conn)
+    app = OrdersApplication(env=settings.eventsourcing_env(store.schema))
+    customer = register(CommandHandlers(app), NAME, EMAIL, ADDRESS)
+    target = RedisTarget(
+        redis_conn, CustomerCache(decoder_for(store)), prefix=f"dl:{{{unique_name('aof')}}}:"
+    )
+    try:
+        target.setup()
+        replay(target.projection, target, store)
+        assert redis_conn.hget(target.key(customer_key(customer)), "name") == NAME.encode()
+        rewrite_aof(redis_conn)
+        # The dump holds the name while the read model does: the check below can see it.
+        assert NAME.encode() in b"".join(f.read_bytes() for f in aof_files(redis_conn))
+
+        assert cli(store, "forget", str(customer), "--reason", "ticket 3").returncode == 0
+        replay(target.projection, target, store)  # on from its checkpoint: the erasure purges
+        assert not redis_conn.exists(target.key(customer_key(customer)))
+        rewrite_aof(redis_conn)
+        assert leaks(b"".join(f.read_bytes() for f in aof_files(redis_conn))) == []
+    finally:
+        target.drop()
+    assert files  # the server kept its files throughout
