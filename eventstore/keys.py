@@ -106,7 +106,8 @@ def master_key_from_env(env: Mapping[str, str], name: str = MASTER_KEY_ENV) -> M
     if not value:
         return None
     try:
-        secret = base64.b64decode(value.strip(), altchars=b"-_" if ("-" in value or "_" in value) else None)
+        altchars = b"-_" if ("-" in value or "_" in value) else None  # the URL-safe alphabet too
+        secret = base64.b64decode(value.strip(), altchars=altchars, validate=True)
     except (binascii.Error, ValueError):
         secret = b""
     if len(secret) != _KEY_BYTES:

@@ -27,7 +27,8 @@ from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Mapper, StoredEvent, Transcoder
 from eventsourcing.utils import resolve_topic
 
-from eventstore.keys import DataKeys, MasterKeyError, MasterKeys, store_from_env
+from eventstore.errors import EventStoreError
+from eventstore.keys import DataKeys, MasterKeys, store_from_env
 
 SEALED_TAG = "_personal_"
 REDACTED = "[erased]"  # when a class's marker names none
@@ -41,6 +42,10 @@ class PersonalMarker(Protocol):
 
     fields: tuple[str, ...]
     subject: str
+
+
+class SealedFieldError(EventStoreError):
+    """A sealed field that does not open with its subject's data key: the stored value was altered."""
 
 
 @lru_cache(maxsize=1024)
@@ -115,7 +120,7 @@ class PersonalFields:
             try:
                 plain = AESGCM(key).decrypt(blob[:_NONCE_BYTES], blob[_NONCE_BYTES:], _field_aad(subject))
             except InvalidTag:
-                raise MasterKeyError(
+                raise SealedFieldError(
                     f"field {name!r} of subject {subject} does not open with the subject's data key: "
                     "the stored value was altered"
                 ) from None

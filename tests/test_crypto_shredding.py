@@ -21,16 +21,26 @@ from uuid import UUID
 
 import pytest
 import redis
+from eventsourcing.persistence import JSONTranscoder
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from psycopg import sql
 from sqlalchemy import Engine
 
 from datalayer.settings import Settings
-from domain import ERASED, CommandHandlers, CustomerErased, OrdersApplication
+from domain import ERASED, CommandHandlers, CustomerErased, OrdersApplication, PersonalData
 from eventstore import EventStore
-from eventstore.keys import MASTER_KEY_ENV, PREVIOUS_MASTER_KEY_ENV, MasterKeyError, new_master_key
+from eventstore.keys import (
+    MASTER_KEY_ENV,
+    PREVIOUS_MASTER_KEY_ENV,
+    DataKeys,
+    MasterKey,
+    MasterKeyError,
+    MasterKeys,
+    master_key_from_env,
+    new_master_key,
+)
 from eventstore.migrate_events import migrate_events
-from eventstore.personal import SEALED_TAG
+from eventstore.personal import SEALED_TAG, PersonalFields, SealedFieldError
 from eventstore.portable import export_log, import_log, open_export, open_import
 from projections.customers import CustomerCache, CustomerDirectory, customer_key
 from projections.events import event_decoder, event_from_record
@@ -448,3 +458,53 @@ def test_a_redis_dump_loses_the_data_once_the_purge_is_rewritten(
     finally:
         target.drop()
     assert files  # the server kept its files throughout
+
+
+def test_keys_new_master_makes_a_usable_key_and_never_overwrites_a_file(
+    store: EventStore, tmp_path: Path
+) -> None:
+    printed = cli(store, "keys", "new-master")
+    assert printed.returncode == 0, printed.stderr
+    key = printed.stdout.strip()
+    assert master_key_from_env({MASTER_KEY_ENV: key}) is not None
+    assert cli(store, "keys", "new-master").stdout.strip() != key  # random each time
+    path = tmp_path / "master.key"
+    written = cli(store, "keys", "new-master", "--file", str(path))
+    assert written.returncode == 0, written.stderr
+    assert "point DATALAYER_MASTER_KEY_FILE at it" in written.stdout
+    content = path.read_text()
+    assert content.strip() not in written.stdout
+    assert master_key_from_env({f"{MASTER_KEY_ENV}_FILE": str(path)}) is not None
+    again = cli(store, "keys", "new-master", "--file", str(path))
+    assert again.returncode == 1 and "File exists" in again.stderr
+    assert path.read_text() == content
+
+
+def test_sealed_values_and_wrapped_keys_are_bound_to_their_subject(store: EventStore) -> None:
+    store.migrate()
+    master = MasterKeys(MasterKey(os.urandom(32), MASTER_KEY_ENV))
+    transcoder = JSONTranscoder()
+    fields = PersonalFields(DataKeys(store, master), transcoder)
+    marker = PersonalData(("name",), subject="owner")
+    ann, bob = str(uuid.uuid4()), str(uuid.uuid4())
+    sealed_ann = fields.seal_state(marker, {"owner": ann, "name": NAME})
+    sealed_bob = fields.seal_state(marker, {"owner": bob, "name": OTHER[0]})
+    assert NAME not in repr(sealed_ann)
+    opened = dict(sealed_ann)
+    fields.open_state(marker, opened)
+    assert opened["name"] == NAME
+    # Ann's sealed name passed off as Bob's (his subject, his key): it does not open.
+    moved = dict(sealed_bob, name=dict(sealed_ann["name"], subject=bob))
+    with pytest.raises(SealedFieldError, match=f"field 'name' of subject {bob}"):
+        fields.open_state(marker, moved)
+    # Ann's wrapped key copied onto Bob's row: it does not open either (a fresh reader, no cache).
+    with store.pool.connection() as conn:
+        conn.execute(
+            sql.SQL(
+                "UPDATE {0} SET wrapped_key = (SELECT wrapped_key FROM {0} WHERE subject = %s)"
+                " WHERE subject = %s"
+            ).format(sql.Identifier(store.schema, "data_keys")),
+            (ann, bob),
+        )
+    with pytest.raises(MasterKeyError, match="the row was altered"):
+        PersonalFields(DataKeys(store, master), transcoder).open_state(marker, dict(sealed_bob))
