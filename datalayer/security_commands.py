@@ -146,7 +146,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "rebuild and the read models (which purge them on the erasure event) show '[erased]' instead. "
         "Irreversible. Idempotent: rerunning finishes an interrupted erasure. An id that is not a customer "
         "is an error (exit 1). Needs DATALAYER_MASTER_KEY and UPDATE on data_keys (the store's owner).",
-        epilog='example: datalayer forget 5f0c...e1 --reason "GDPR request #1234" --actor dpo@example.com\n'
+        epilog='example: datalayer forget 5f0c...e1 --reason "GDPR request #1234" --actor privacy-office\n'
         "         the reason and actor are stored in the event: never put personal data in them",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

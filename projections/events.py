@@ -20,7 +20,7 @@ from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import JSONTranscoder, Mapper, StoredEvent, Transcoder
 from eventsourcing.utils import resolve_topic
 
-from eventstore.personal import PersonalFields, personal_fields_from_env
+from eventstore.personal import PersonalFields, personal_fields_from_env, personal_marker
 from eventstore.records import RecordedEvent
 
 
@@ -215,6 +215,7 @@ class EventDecoder:
         # Crypto-shredding: personal fields are opened after whichever decoding path ran (see
         # _decode_personal), so no fast path can hand a handler a sealed or erased field's data.
         self.personal = personal
+        self._without_personal: set[str] = set()
         if personal is not None:
             self._bound = self._decode_personal
         # Why a fast path: a JSON payload reaches the consumer already parsed (with the envelope),
@@ -277,8 +278,14 @@ class EventDecoder:
 
     def _decode_personal(self, event: ProjectedEvent) -> DomainEventProtocol[UUID]:
         """:meth:`_decode`, then the personal fields opened (or redacted, once their subject is forgotten)."""
+        decoded = self._decode(event)
+        if event.event_type in self._without_personal:  # most events: one set lookup
+            return decoded
+        if personal_marker(type(decoded)) is None:
+            self._without_personal.add(event.event_type)
+            return decoded
         assert self.personal is not None
-        return self.personal.reveal(self._decode(event))
+        return self.personal.reveal(decoded)
 
 
 class _Revived(Transcoder):
