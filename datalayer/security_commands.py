@@ -74,7 +74,35 @@ def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
         f"forgot customer {customer_id}: {what}; erasure recorded as Customer.Erased "
         f"(stream version {result.version}); their personal fields now read as '[erased]' everywhere"
     )
+    _warn_about_retired_generations(settings)
     return EXIT_OK
+
+
+def _warn_about_retired_generations(settings: Settings) -> None:
+    """Name the retired generations of customer read models: frozen copies the erasure does not reach."""
+    from datalayer.wiring import KNOWN_PROJECTIONS, load_projection, read_model_store
+    from projections.generations import RETIRED
+
+    retired: list[str] = []
+    try:
+        for name in sorted(KNOWN_PROJECTIONS):
+            projection = load_projection(name)
+            if "Customer" not in projection.stream_types:
+                continue
+            models = read_model_store(projection, settings)
+            try:
+                generations = models.registry.generations(projection.name)
+            finally:
+                models.close()
+            retired += [f"{projection.name}: {g.name}" for g in generations if g.status == RETIRED]
+    except Exception as exc:  # the erasure is done; this is advice only
+        print(f"warning: could not list retired read-model generations ({type(exc).__name__}: {exc})")
+        return
+    for generation in retired:
+        print(
+            f"warning: retired generation {generation} is a frozen copy the erasure does not reach: "
+            "drop it (datalayer generations PROJECTION --drop GENERATION)"
+        )
 
 
 def cmd_keys_new_master(args: argparse.Namespace, settings: Settings) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from projections.customers import CustomerCache, CustomerDirectory
 from projections.orders import OrderCache, OrderViews
 
 
@@ -13,3 +14,11 @@ class IsolatedViews(OrderViews):
 
 class IsolatedCache(OrderCache):
     name = os.environ.get("TEST_PROJECTION_NAME", "test_order_cache")
+
+
+class IsolatedDirectory(CustomerDirectory):
+    name = os.environ.get("TEST_PROJECTION_NAME", "test_customer_directory")
+
+
+class IsolatedCustomerCache(CustomerCache):
+    name = os.environ.get("TEST_PROJECTION_NAME", "test_customer_cache")

@@ -24,7 +24,7 @@ import redis
 from eventsourcing.persistence import JSONTranscoder
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from psycopg import sql
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from datalayer.settings import Settings
 from domain import ERASED, CommandHandlers, CustomerErased, OrdersApplication, PersonalData
@@ -44,6 +44,7 @@ from eventstore.personal import SEALED_TAG, PersonalFields, SealedFieldError
 from eventstore.portable import export_log, import_log, open_export, open_import
 from projections.customers import CustomerCache, CustomerDirectory, customer_key
 from projections.events import event_decoder, event_from_record
+from projections.generations import REDIS_ALIASES
 from projections.replay import replay
 from projections.targets import PostgresTarget, RedisTarget
 from tests.helpers import unique_name, wait_until
@@ -508,3 +509,119 @@ def test_sealed_values_and_wrapped_keys_are_bound_to_their_subject(store: EventS
         )
     with pytest.raises(MasterKeyError, match="the row was altered"):
         PersonalFields(DataKeys(store, master), transcoder).open_state(marker, dict(sealed_bob))
+
+
+def test_rebuilds_and_verify_from_the_command_line_after_forget(
+    settings: Settings, shredding: Shredding, engine: Engine
+) -> None:
+    pl = shredding.pl
+    names = [unique_name("clicd"), unique_name("clicc")]
+    env = {"DATALAYER_TOPIC_PREFIX": pl.topic_prefix, "DATALAYER_DEAD_LETTER_TOPIC_PREFIX": pl.dlq_prefix}
+    directory, cache = (
+        "tests.cli_projections:IsolatedDirectory",
+        "tests.cli_projections:IsolatedCustomerCache",
+    )
+    try:
+        pl.start_relay()
+        customer = register(pl.commands, NAME, EMAIL, ADDRESS)
+        other = register(pl.commands, *OTHER)
+        for name, projection in zip(names, (directory, cache), strict=True):
+            built = cli(
+                pl.store, "rebuild", projection, "--handover-timeout", "0.5", TEST_PROJECTION_NAME=name, **env
+            )
+            assert built.returncode == 0, built.stderr
+        with engine.connect() as conn:
+            row = conn.execute(
+                text(f'SELECT name FROM "{names[0]}".customers WHERE customer_id = :c'), {"c": customer}
+            ).one()
+        assert row.name == NAME
+
+        assert cli(pl.store, "forget", str(customer), "--reason", "ticket 5").returncode == 0
+        for name, projection in zip(names, (directory, cache), strict=True):
+            # No live consumer applied the erasure to the first generation here: it is dropped (a
+            # retired generation is a frozen copy, which erasure does not reach; see docs/security.md).
+            again = cli(
+                pl.store,
+                "rebuild",
+                projection,
+                "--handover-timeout",
+                "0.5",
+                "--drop-old",
+                TEST_PROJECTION_NAME=name,
+                **env,
+            )
+            assert again.returncode == 0, again.stderr
+            verified = cli(pl.store, "verify", projection, TEST_PROJECTION_NAME=name, **env)
+            assert verified.returncode == 0, verified.stdout + verified.stderr
+        with engine.connect() as conn:
+            rows = {
+                r.customer_id: r
+                for r in conn.execute(text(f'SELECT * FROM "{names[0]}".customers')).all()  # the alias
+            }
+        assert (rows[customer].name, rows[customer].email, rows[customer].address) == (None, None, None)
+        assert rows[other].name == OTHER[0]
+        assert leaks(schema_text(pl.store, f"{names[0]}_v1_r1")) == []
+        with engine.connect() as conn:
+            schemas = conn.execute(
+                text("SELECT nspname FROM pg_namespace WHERE nspname LIKE :p"), {"p": f"{names[0]}%"}
+            ).scalars()
+            assert sorted(schemas) == [names[0], f"{names[0]}_v1_r1"]  # the alias and the active one
+        cached = {
+            key: shredding.redis.hgetall(key)
+            for key in shredding.redis.scan_iter(match=f"dl:{{{names[1]}*:customer:*")
+        }
+        assert list(cached) == [f"dl:{{{names[1]}_v1_r1}}:customer:{other}".encode()]
+        assert OTHER[0].encode() in repr(cached).encode()
+    finally:
+        with engine.begin() as conn:
+            for generation in conn.execute(
+                text("SELECT generation FROM datalayer_read_models.generations WHERE projection = :p"),
+                {"p": names[0]},
+            ).scalars():
+                conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{generation}" CASCADE')
+            conn.execute(
+                text("DELETE FROM datalayer_read_models.generations WHERE projection = :p"), {"p": names[0]}
+            )
+            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{names[0]}" CASCADE')
+        for key in shredding.redis.scan_iter(match=f"dl:{{{names[1]}*", count=1000):
+            shredding.redis.delete(key)
+        shredding.redis.delete(f"dl:generations:{names[1]}")
+        shredding.redis.hdel(REDIS_ALIASES, names[1])
+
+
+def test_forget_names_the_retired_generations_it_cannot_reach(shredding: Shredding, engine: Engine) -> None:
+    pl = shredding.pl
+    env = {"DATALAYER_TOPIC_PREFIX": pl.topic_prefix, "DATALAYER_DEAD_LETTER_TOPIC_PREFIX": pl.dlq_prefix}
+    name = CustomerDirectory.name  # the shipped name: forget looks at the known projections
+    with engine.connect() as conn:
+        registry = conn.execute(text("SELECT to_regclass('datalayer_read_models.generations')")).scalar()
+        taken = (
+            registry is not None
+            and conn.execute(
+                text("SELECT count(*) FROM datalayer_read_models.generations WHERE projection = :p"),
+                {"p": name},
+            ).scalar()
+        )
+    if taken:
+        pytest.skip(f"this database already has {name} generations, which this test would drop")
+    try:
+        pl.start_relay()
+        customer = register(pl.commands, NAME, EMAIL, ADDRESS)
+        for _ in range(2):  # the second rebuild retires the first generation
+            built = cli(pl.store, "rebuild", name, "--handover-timeout", "0.5", **env)
+            assert built.returncode == 0, built.stderr
+        forgotten = cli(pl.store, "forget", str(customer), "--reason", "ticket 6")
+        assert forgotten.returncode == 0, forgotten.stderr
+        assert f"warning: retired generation {name}: {name}_v1 is a frozen copy" in forgotten.stdout
+        assert f"{name}_v1_r1 is a frozen copy" not in forgotten.stdout  # the active one purges itself
+    finally:
+        with engine.begin() as conn:
+            for generation in conn.execute(
+                text("SELECT generation FROM datalayer_read_models.generations WHERE projection = :p"),
+                {"p": name},
+            ).scalars():
+                conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{generation}" CASCADE')
+            conn.execute(
+                text("DELETE FROM datalayer_read_models.generations WHERE projection = :p"), {"p": name}
+            )
+            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
