@@ -30,16 +30,17 @@ from datalayer.read_model_commands import ProgressBar
 from datalayer.settings import Settings
 from datalayer.status import StatusReport, gather_status
 from datalayer.status_commands import print_status
-from datalayer.wiring import ReadModelStore, consumer_config, event_store, read_model_store
+from datalayer.wiring import ReadModelStore, consumer_config, read_model_store
 from domain import OrdersApplication
 from domain.handlers import StreamWrite
+from eventstore import EventStore
 from eventstore.relay import Relay, RelayConfig
 from projections.freshness import wait_until_applied
 from projections.orders import OrderCache, OrderCacheQueries, OrderQueries, OrderViews
 from projections.projection import Projection
 from projections.verify import verify
 
-__all__ = ["DemoFailed", "DemoOptions", "run_demo"]
+__all__ = ["DemoFailed", "DemoOptions", "remove_namespace", "run_demo"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,13 @@ def _print(line: str) -> None:
 
 def run_demo(settings: Settings, options: DemoOptions, say: Callable[[str], None] = _print) -> None:
     """Run the demo and report through ``say``; raises :class:`DemoFailed` on the first mismatch."""
+    from datalayer.health import check_health
+
     started = time.monotonic()
+    # Each server answers, or the demo stops now with the one that does not (not after timeouts).
+    for check in check_health(settings, [], "servers"):
+        if not check.ok:
+            raise DemoFailed(f"{check.name} at {check.detail}")
     ns = options.namespace
     if ns is not None:
         settings = settings.model_copy(
@@ -82,7 +89,7 @@ def run_demo(settings: Settings, options: DemoOptions, say: Callable[[str], None
         try:
             run.stop()
             if ns is not None and not options.keep:
-                run.remove_namespace()
+                remove_namespace(settings, ns)
                 say(f"removed everything named after {ns}")
         except Exception as exc:
             if not failing:
@@ -109,7 +116,13 @@ class _DemoRun:
         self.stop_event = threading.Event()
         self.threads: list[threading.Thread] = []
         self.failures: list[BaseException] = []
-        self.store = event_store(settings)
+        # Beside the relay (its follower, checkpoints) the demo reads, rebuilds and verifies from it.
+        self.store = EventStore.connect(
+            settings.psycopg_url(),
+            schema=settings.eventstore_schema,
+            max_size=8,
+            connect_kwargs=settings.postgres_connect_kwargs(),
+        )
         self.models: dict[str, ReadModelStore] = {
             p.name: read_model_store(p, settings) for p in self.projections
         }
@@ -201,6 +214,7 @@ class _DemoRun:
             self.store, s.kafka_config(), config, on_published=self.metrics.relay_observer("default")
         )
         self._thread("relay", self.relay.run)
+        self._create_topics()
         consumers = consumer_config(s, observer=self.metrics.consumer_observer, max_batch=500)
         for projection in self.projections:
             models = self.models[projection.name]
@@ -211,6 +225,25 @@ class _DemoRun:
             self._thread(projection.name, consumer.run)
         self._wait("the consumers to join their groups", self._consumers_running)
         return port
+
+    def _create_topics(self) -> None:
+        """Create the projections' topics and wait until every partition has a leader.
+
+        A consumer group that joins while a new topic's partitions are still being set up can be
+        assigned only some of them, and would then miss the others' events until a metadata refresh.
+        """
+        from kafka import KafkaAdminClient
+
+        from eventstore.relay.topics import create_missing_topics, topic_for
+
+        s = self.settings
+        topics = {topic_for(s.topic_prefix, t) for p in self.projections for t in p.stream_types}
+        admin = KafkaAdminClient(**s.kafka_config())
+        try:
+            create_missing_topics(admin, topics, s.topic_partitions, s.topic_replication_factor)
+            admin.wait_for_topics(sorted(topics), timeout_ms=int(self.options.timeout * 1000))
+        finally:
+            admin.close()
 
     def _consumers_running(self) -> bool:
         for consumer in self.consumers:
@@ -280,6 +313,7 @@ class _DemoRun:
                 wait_until_applied(projection, target, writes, timeout=max(remaining, 0.1))
             except TimeoutError as exc:
                 self._check_alive()
+                print_status(self._status(), sys.stderr, partitions=True)
                 raise DemoFailed(f"{projection.name} did not catch up: {exc}") from None
         return time.monotonic() - started
 
@@ -387,17 +421,16 @@ class _DemoRun:
             )
         self.say(f"  {active.name}: {report.compared:,} rows/keys equal a fresh replay of the store")
 
-    def _settled_status(self) -> StatusReport:
+    def _status(self) -> StatusReport:
         s = self.settings
+        prefixes = {"topic_prefix": s.topic_prefix, "dead_letter_prefix": s.dead_letter_topic_prefix}
+        return gather_status(s, self.projections, **prefixes)
+
+    def _settled_status(self) -> StatusReport:
         found: list[StatusReport] = []
 
         def settled() -> bool:
-            report = gather_status(
-                s,
-                self.projections,
-                topic_prefix=s.topic_prefix,
-                dead_letter_prefix=s.dead_letter_topic_prefix,
-            )
+            report = self._status()
             found[:] = [report]
             if report.errors or report.relay is None:
                 return False
@@ -454,52 +487,57 @@ class _DemoRun:
             row = conn.execute(f'SELECT count(*) FROM "{self.store.schema}".events').fetchone()
         return int(row[0]) if row else 0
 
-    def remove_namespace(self) -> None:
-        """Drop what a ``--namespace`` run created: schemas, registry entries, keys, topics, groups."""
-        from kafka import KafkaAdminClient
-        from sqlalchemy import text
 
-        from projections.generations import REDIS_ALIASES
+def remove_namespace(settings: Settings, namespace: str) -> None:
+    """Drop what ``datalayer demo --namespace NAMESPACE`` created: the store's schema, both read
+    models' generations and aliases, the topics and the consumer groups. ``settings`` are the
+    servers'; the names all derive from ``namespace``."""
+    from kafka import KafkaAdminClient
+    from sqlalchemy import text
 
-        s = self.settings
-        engine = postgres_engine(s)
-        client = redis_client(s)
-        generations: list[str] = []
-        try:
-            with engine.begin() as conn:
+    from projections.generations import REDIS_ALIASES
+
+    views, cache = f"{namespace}_views", f"{namespace}_cache"
+    engine = postgres_engine(settings)
+    client = redis_client(settings)
+    generations: list[str] = []
+    try:
+        with engine.begin() as conn:
+            registry = conn.exec_driver_sql(
+                "SELECT to_regclass('datalayer_read_models.generations')"
+            ).scalar()
+            if registry is not None:
                 rows = conn.execute(
                     text("SELECT generation FROM datalayer_read_models.generations WHERE projection = :p"),
-                    {"p": self.views.name},
+                    {"p": views},
                 ).all()
                 generations += [r[0] for r in rows]
-                for schema in [*generations, self.views.name, s.eventstore_schema]:
-                    conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
                 conn.execute(
-                    text("DELETE FROM datalayer_read_models.generations WHERE projection = :p"),
-                    {"p": self.views.name},
+                    text("DELETE FROM datalayer_read_models.generations WHERE projection = :p"), {"p": views}
                 )
-            cached = [_text(g) for g in client.hkeys(f"dl:generations:{self.cache.name}")]
-            generations += cached
-            for generation in cached:
-                for key in client.scan_iter(match=f"dl:{{{generation}}}:*", count=1000):
-                    client.unlink(key)
-            client.delete(f"dl:generations:{self.cache.name}")
-            client.hdel(REDIS_ALIASES, self.cache.name)
-        finally:
-            engine.dispose()
-            client.close()
-        admin = KafkaAdminClient(**s.kafka_config())
-        try:
-            ns = self.options.namespace or ""
-            topics = [t for t in admin.list_topics() if t.startswith(f"{ns}.")]
-            if topics:
-                admin.delete_topics(topics)
-            groups = {group_for(g) for g in generations}
-            existing = {g["group_id"] for g in admin.list_groups()}
-            if groups & existing:
-                admin.delete_groups(sorted(groups & existing))
-        finally:
-            admin.close()
+            for schema in [*generations, views, namespace]:
+                conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        cached = [_text(g) for g in client.hkeys(f"dl:generations:{cache}")]
+        generations += cached
+        for generation in cached:
+            for key in client.scan_iter(match=f"dl:{{{generation}}}:*", count=1000):
+                client.unlink(key)
+        client.delete(f"dl:generations:{cache}")
+        client.hdel(REDIS_ALIASES, cache)
+    finally:
+        engine.dispose()
+        client.close()
+    admin = KafkaAdminClient(**settings.kafka_config())
+    try:
+        topics = [t for t in admin.list_topics() if t.startswith(f"{namespace}.")]
+        if topics:
+            admin.delete_topics(topics)
+        groups = {group_for(g) for g in generations}
+        existing = {g["group_id"] for g in admin.list_groups()}
+        if groups & existing:
+            admin.delete_groups(sorted(groups & existing))
+    finally:
+        admin.close()
 
 
 class _SayStream:

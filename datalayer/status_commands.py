@@ -114,10 +114,9 @@ def print_status(report: Any, out: SupportsWrite[str], partitions: bool = False)
                 )
                 if partitions:
                     for part in g.partitions:
-                        applied = _count(part.applied) if part.applied is not None else "-"
-                        rows.append(
-                            ("", "", f"  {part.source}", "", f"{part.lag:,}", "", "", f"at {applied}")
-                        )
+                        at = f"{part.applied:,}" if part.applied is not None else "-"
+                        lag = f"{part.lag:,} (at {at} of {part.end:,})"
+                        rows.append(("", "", f"  {part.source}", "", lag, "", "", ""))
         print(file=out)
         _table(rows, out)
     for server, error in report.errors.items():
@@ -169,7 +168,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     try:
         run_demo(settings, options)
     except DemoFailed as exc:
-        print(f"demo FAILED: {exc}", file=sys.stderr)
+        print(f"datalayer demo: FAILED: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 
