@@ -3,7 +3,7 @@
 Counters and histograms move once per batch, through the hooks the relay (``on_published``) and
 the consumer runtime (``ConsumerConfig.observer``) already call per batch: nothing runs per event.
 Lag and dead-letter gauges are read from :func:`datalayer.status.gather_status` when Prometheus
-scrapes (at most every ``STATUS_TTL`` seconds), so they are the same figures ``datalayer status``
+scrapes (read again when older than ``STATUS_TTL`` seconds), so they are the same figures ``datalayer status``
 prints and cost nothing between scrapes.
 """
 
@@ -30,7 +30,7 @@ from eventstore.records import RecordedEvent
 from projections.projection import Projection
 from projections.runner import BatchOutcome
 
-STATUS_TTL = 5.0
+STATUS_TTL = 2.0
 # Batches take milliseconds to seconds; the relay's latency (commit to acknowledged) up to minutes
 # when it falls behind.
 BATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
