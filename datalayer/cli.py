@@ -360,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument(
+        "--log-json", action="store_true", help="log one JSON object per line on stderr (for collectors)"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     show = commands.add_parser(
@@ -456,6 +459,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"datalayer: {exc}", file=sys.stderr)
         return EXIT_USAGE
     handler: Handler = args.handler
+    if args.log_json:
+        from datalayer.logs import use_json_logs
+
+        use_json_logs()
     try:
         return handler(args, settings)
     except UnknownProjection as exc:

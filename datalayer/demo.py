@@ -9,6 +9,7 @@ Every check that fails raises :class:`DemoFailed` naming what did not match.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import sys
 import threading
@@ -41,6 +42,9 @@ from projections.projection import Projection
 from projections.verify import verify
 
 __all__ = ["DemoFailed", "DemoOptions", "remove_namespace", "run_demo"]
+
+# Seconds a running consumer may hold no partition before the demo restarts it (see _watch_consumers).
+UNASSIGNED_LIMIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,9 @@ class _DemoRun:
             p.name: read_model_store(p, settings) for p in self.projections
         }
         self.metrics = PipelineMetrics()
-        self.consumers: list[LiveConsumer] = []
+        self.live: dict[str, _Live] = {}
+        self.halts: list[threading.Event] = []
+        self.restarts = 0
         self.relay: Relay | None = None
         self.relay_was_active = False
 
@@ -213,35 +219,76 @@ class _DemoRun:
         self.relay = Relay(
             self.store, s.kafka_config(), config, on_published=self.metrics.relay_observer("default")
         )
-        self._thread("relay", self.relay.run)
         self._create_topics()
-        consumers = consumer_config(s, observer=self.metrics.consumer_observer, max_batch=500)
+        self._thread("relay", self.relay.run)
         for projection in self.projections:
-            models = self.models[projection.name]
-            consumer = LiveConsumer(
-                projection, models.registry, models.make_target, s.kafka_config(), consumers
-            )
-            self.consumers.append(consumer)
-            self._thread(projection.name, consumer.run)
+            self._start_consumer(projection)
+        self._thread("watchdog", self._watch_consumers)
         self._wait("the consumers to join their groups", self._consumers_running)
         return port
 
-    def _create_topics(self) -> None:
-        """Create the projections' topics and wait until every partition has a leader.
+    def _start_consumer(self, projection: Projection[Any]) -> None:
+        s = self.settings
+        models = self.models[projection.name]
+        config = consumer_config(s, observer=self.metrics.consumer_observer, max_batch=500)
+        consumer = LiveConsumer(projection, models.registry, models.make_target, s.kafka_config(), config)
+        halt = threading.Event()
+        self.live[projection.name] = _Live(consumer, halt, self._thread(projection.name, consumer.run, halt))
 
-        A consumer group that joins while a new topic's partitions are still being set up can be
-        assigned only some of them, and would then miss the others' events until a metadata refresh.
+    @property
+    def consumers(self) -> list[LiveConsumer]:
+        return [live.consumer for live in self.live.values()]
+
+    def _watch_consumers(self, stop: threading.Event) -> None:
+        """Restart a consumer left without partitions, as a supervisor would when ``health`` fails.
+
+        Each generation has one consumer here, so it must hold every partition. We saw kafka-python
+        3.0.12 revoke them all in a rebalance and never finish the rejoin (the broker lists the
+        member with its partitions; the client fetches nothing). It is said, never hidden.
+        """
+        while not stop.wait(0.5):
+            now = time.monotonic()
+            for name, live in list(self.live.items()):
+                current = live.consumer.current
+                if current is None or not current.running.is_set() or current.stats.assigned:
+                    live.unassigned_since = None
+                    continue
+                if live.unassigned_since is None:
+                    live.unassigned_since = now
+                elif now - live.unassigned_since > UNASSIGNED_LIMIT and not stop.is_set():
+                    self.say(
+                        f"  ! consumer {name} lost its partitions in a rebalance and got none back in "
+                        f"{UNASSIGNED_LIMIT:.0f} s (a kafka-python issue): restarting it"
+                    )
+                    self.restarts += 1
+                    live.halt.set()
+                    live.thread.join(timeout=60)
+                    self._start_consumer(live.consumer.projection)
+
+    def _create_topics(self) -> None:
+        """Create every topic the run will use, and wait until each partition has a leader.
+
+        Why: a topic created while a consumer group runs (the relay's first event of a stream
+        type, another consumer's dead-letter topic) makes kafka-python rebalance the group, and we
+        saw a consumer of kafka-python 3.0.12 stop fetching after such a rebalance (assigned all
+        partitions, fetching none). Created up front, no topic appears while the consumers run.
         """
         from kafka import KafkaAdminClient
 
+        from consumers.dead_letters import dead_letter_topic
         from eventstore.relay.topics import create_missing_topics, topic_for
 
         s = self.settings
-        topics = {topic_for(s.topic_prefix, t) for p in self.projections for t in p.stream_types}
+        stream_types = {"Customer", "Product", "Order"} | {
+            t for p in self.projections for t in p.stream_types
+        }
+        events = {topic_for(s.topic_prefix, t) for t in stream_types}
+        letters = {dead_letter_topic(s.dead_letter_topic_prefix, p.name) for p in self.projections}
         admin = KafkaAdminClient(**s.kafka_config())
         try:
-            create_missing_topics(admin, topics, s.topic_partitions, s.topic_replication_factor)
-            admin.wait_for_topics(sorted(topics), timeout_ms=int(self.options.timeout * 1000))
+            create_missing_topics(admin, events, s.topic_partitions, s.topic_replication_factor)
+            create_missing_topics(admin, letters, 1, s.topic_replication_factor)  # as the consumers do
+            admin.wait_for_topics(sorted(events | letters), timeout_ms=int(self.options.timeout * 1000))
         finally:
             admin.close()
 
@@ -259,16 +306,24 @@ class _DemoRun:
         active = self.models[projection.name].registry.active(projection.name)
         return active.version if active is not None else None
 
-    def _thread(self, name: str, run: Callable[[threading.Event], None]) -> None:
+    def _thread(
+        self, name: str, run: Callable[[threading.Event], None], halt: threading.Event | None = None
+    ) -> threading.Thread:
+        """Run ``run(stop)`` in a thread; ``halt`` stops it alone, :meth:`stop` stops them all."""
+        stop = halt or self.stop_event
+
         def guarded() -> None:
             try:
-                run(self.stop_event)
+                run(stop)
             except BaseException as exc:
                 self.failures.append(exc)
 
         thread = threading.Thread(target=guarded, name=f"demo-{name}", daemon=True)
         thread.start()
         self.threads.append(thread)
+        if halt is not None:
+            self.halts.append(halt)
+        return thread
 
     def _check_alive(self) -> None:
         if self.failures:
@@ -279,6 +334,8 @@ class _DemoRun:
 
     def stop(self) -> None:
         self.stop_event.set()
+        for halt in self.halts:
+            halt.set()
         for thread in self.threads:
             thread.join(timeout=60)
         stuck = [t.name for t in self.threads if t.is_alive()]
@@ -314,6 +371,7 @@ class _DemoRun:
             except TimeoutError as exc:
                 self._check_alive()
                 print_status(self._status(), sys.stderr, partitions=True)
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)  # where each thread is
                 raise DemoFailed(f"{projection.name} did not catch up: {exc}") from None
         return time.monotonic() - started
 
@@ -538,6 +596,16 @@ def remove_namespace(settings: Settings, namespace: str) -> None:
             admin.delete_groups(sorted(groups & existing))
     finally:
         admin.close()
+
+
+@dataclass
+class _Live:
+    """A live consumer of the demo, the event that stops it alone, and its thread."""
+
+    consumer: LiveConsumer
+    halt: threading.Event
+    thread: threading.Thread
+    unassigned_since: float | None = None
 
 
 class _SayStream:

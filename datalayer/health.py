@@ -173,6 +173,18 @@ def _consumer_checks(report: StatusReport, limits: Thresholds) -> list[Check]:
             continue
         seconds = active.lag_seconds
         ok = seconds is not None and seconds <= limits.consumer_lag_seconds
+        assigned = active.group_assigned
+        if active.group_members and assigned is not None and assigned < len(active.partitions):
+            # Members that hold only some partitions leave the others unread, whatever the lag says now.
+            checks.append(
+                Check(
+                    name,
+                    False,
+                    f"{active.name}: its {active.group_members} consumer(s) hold {assigned} of "
+                    f"{len(active.partitions)} partitions",
+                )
+            )
+            continue
         shown = f"{seconds:.1f} s" if seconds is not None else "unknown age"
         members = active.group_members if active.group_members is not None else "?"
         checks.append(

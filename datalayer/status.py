@@ -89,6 +89,7 @@ class GenerationStatus:
     group: str = ""
     group_state: str | None = None
     group_members: int | None = None
+    group_assigned: int | None = None  # partitions the members hold; fewer than the topics' is a problem
     group_lag: int | None = None
     error: str | None = None
 
@@ -375,7 +376,13 @@ def _generation_status(
     group = kafka.admin.describe_groups([status.group]).get(status.group) or {}
     if not group.get("error"):
         status.group_state = group.get("group_state") or None
-        status.group_members = len(group.get("members") or ())
+        members = group.get("members") or ()
+        status.group_members = len(members)
+        status.group_assigned = sum(
+            len(topic.get("partitions") or ())
+            for member in members
+            for topic in (member.get("member_assignment") or {}).get("assigned_partitions") or ()
+        )
     else:
         status.group_state, status.group_members = "none", 0
     committed = kafka.admin.list_group_offsets({status.group: None}).get(status.group) or {}

@@ -100,6 +100,8 @@ def print_status(report: Any, out: SupportsWrite[str], partitions: bool = False)
                     lag += f" (replayed to {g.log_checkpoint})"
                 seconds = f"{g.lag_seconds:,.1f}" if g.lag_seconds is not None else "?"
                 members = _count(g.group_members) if g.status != "retired" else ""
+                if g.group_members and g.group_assigned is not None and g.group_assigned < len(g.partitions):
+                    members += f" ({g.group_assigned} of {len(g.partitions)} partitions)"
                 rows.append(
                     (
                         p.name if i == 0 else "",
