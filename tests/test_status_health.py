@@ -109,7 +109,11 @@ def test_status_reports_the_true_lag_of_a_stopped_consumer_and_none_once_caught_
 
     def caught_up() -> None:
         published()
-        wait_until(lambda: (g := active()) is not None and g["lag_events"] == 0, what="the consumer")
+        # Every partition known (a just-created topic's may not all be, yet) and nothing left to apply.
+        wait_until(
+            lambda: (g := active()) is not None and len(g["partitions"]) == 6 and g["lag_events"] == 0,
+            what="the consumer",
+        )
 
     def dead_letters() -> int | None:
         return gather_status(pl.settings, [projection], pl.name, **prefixes).projections[0].dead_letters
@@ -120,9 +124,7 @@ def test_status_reports_the_true_lag_of_a_stopped_consumer_and_none_once_caught_
         customer, products = pl.seed_catalog(2)
         pl.order_flow(customer, products, 5)
         running = Running(pl, projection)
-        wait_until(
-            lambda: (g := active()) is not None and g["lag_events"] == 0, what="the consumer to catch up"
-        )
+        caught_up()
         running.stop()
 
         before = order_events(pl)
@@ -146,21 +148,12 @@ def test_status_reports_the_true_lag_of_a_stopped_consumer_and_none_once_caught_
         assert f"unhealthy: projection {name}: {name}_v1: lag {written} events" in lagging.stdout
 
         running = Running(pl, projection)
-        wait_until(
-            lambda: (g := active()) is not None and g["lag_events"] == 0, what="the consumer to catch up"
-        )
+        caught_up()
         producer = KafkaProducer(**pl.settings.kafka_config())
         producer.send(f"{pl.topic_prefix}Order", key=b"x", value=b"not an envelope").get(timeout=30)
         producer.close()
-        wait_until(
-            lambda: (
-                gather_status(pl.settings, [projection], pl.name, **prefixes).projections[0].dead_letters == 1
-            ),
-            what="the dead letter to be counted",
-        )
-        wait_until(
-            lambda: (g := active()) is not None and g["lag_events"] == 0, what="the consumer to catch up"
-        )
+        wait_until(lambda: dead_letters() == 1, what="the dead letter to be counted")
+        caught_up()
         report = status_json(pl, name)
         (generation,) = report["projections"][0]["generations"]
         assert generation["lag_events"] == 0 and generation["lag_seconds"] == 0
