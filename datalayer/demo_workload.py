@@ -37,7 +37,6 @@ class Expected:
     versions: dict[tuple[str, UUID], int] = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)
     conflicts: int = 0
-    seconds: float = 0.0
 
     def record(self, result: Any) -> None:
         for write in result.written:
@@ -173,13 +172,11 @@ class Workload:
             except BaseException as exc:
                 failures.append(exc)
 
-        started = time.monotonic()
         threads = [threading.Thread(target=write, args=(w,), name=f"demo-writer-{w}") for w in range(writers)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        self.expected.seconds = time.monotonic() - started
         if failures:
             raise DemoFailed(f"a writer failed: {type(failures[0]).__name__}: {failures[0]}")
 

@@ -3,8 +3,8 @@
 Counters and histograms move once per batch, through the hooks the relay (``on_published``) and
 the consumer runtime (``ConsumerConfig.observer``) already call per batch: nothing runs per event.
 Lag and dead-letter gauges are read from :func:`datalayer.status.gather_status` when Prometheus
-scrapes (read again when older than ``STATUS_TTL`` seconds), so they are the same figures ``datalayer status``
-prints and cost nothing between scrapes.
+scrapes (again once older than ``STATUS_TTL`` seconds): the figures ``datalayer status`` prints,
+costing nothing between scrapes.
 """
 
 from __future__ import annotations
