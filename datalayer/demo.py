@@ -493,10 +493,16 @@ class _DemoRun:
             if report.errors or report.relay is None:
                 return False
             actives = [p.active for p in report.projections]
-            return report.relay.lag_events == 0 and all(a is not None and a.lag_events == 0 for a in actives)
+            # Settled: nothing left to apply, and the groups done rebalancing (all partitions held).
+            return report.relay.lag_events == 0 and all(
+                a is not None
+                and a.lag_events == 0
+                and (a.group_assigned is None or a.group_assigned >= len(a.partitions))
+                for a in actives
+            )
 
         try:
-            self._wait("the relay and consumers to report no lag", settled)
+            self._wait("the relay and consumers to report no lag, every partition held", settled)
         except DemoFailed:
             if found:
                 print_status(found[0], _SayStream(self.say))

@@ -174,17 +174,10 @@ def _consumer_checks(report: StatusReport, limits: Thresholds) -> list[Check]:
         seconds = active.lag_seconds
         ok = seconds is not None and seconds <= limits.consumer_lag_seconds
         assigned = active.group_assigned
+        held = ""
         if active.group_members and assigned is not None and assigned < len(active.partitions):
-            # Members that hold only some partitions leave the others unread, whatever the lag says now.
-            checks.append(
-                Check(
-                    name,
-                    False,
-                    f"{active.name}: its {active.group_members} consumer(s) hold {assigned} of "
-                    f"{len(active.partitions)} partitions",
-                )
-            )
-            continue
+            # Shown, not failed: a rebalance passes through this; lag that grows is the failure.
+            held = f" holding {assigned} of {len(active.partitions)} partitions"
         shown = f"{seconds:.1f} s" if seconds is not None else "unknown age"
         members = active.group_members if active.group_members is not None else "?"
         checks.append(
@@ -192,7 +185,7 @@ def _consumer_checks(report: StatusReport, limits: Thresholds) -> list[Check]:
                 name,
                 ok,
                 f"{active.name}: lag {active.lag_events} events, {shown} "
-                f"(max {limits.consumer_lag_seconds:.0f} s); {members} consumer(s); "
+                f"(max {limits.consumer_lag_seconds:.0f} s); {members} consumer(s){held}; "
                 f"{projection.dead_letters or 0} dead letters",
             )
         )
