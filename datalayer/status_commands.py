@@ -233,7 +233,14 @@ def add_commands(commands: Any) -> None:
         "         datalayer health consumers --projection order_views",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    health.add_argument("scope", nargs="?", default="all", choices=("all", "servers", "relay", "consumers"))
+    health.add_argument(
+        "scope",
+        nargs="?",
+        default="all",
+        choices=("all", "servers", "relay", "consumers"),
+        metavar="SCOPE",
+        help="all (default), servers, relay or consumers",
+    )
     health.add_argument(
         "--projection", action="append", default=[], metavar="PROJECTION", help="check only these (repeat)"
     )
