@@ -12,7 +12,6 @@ from __future__ import annotations
 import faulthandler
 import logging
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -22,9 +21,9 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumers.live import LiveConsumer, group_for
 from consumers.rebuild import Rebuild, RebuildOptions
-from datalayer.clients import postgres_engine, redis_client
+from datalayer.demo_namespace import namespaced, remove_namespace
+from datalayer.demo_pipeline import DemoPipeline
 from datalayer.demo_workload import DemoFailed, Workload, summary
 from datalayer.metrics import PipelineMetrics
 from datalayer.read_model_commands import ProgressBar
@@ -35,16 +34,12 @@ from datalayer.wiring import ReadModelStore, consumer_config, read_model_store
 from domain import OrdersApplication
 from domain.handlers import StreamWrite
 from eventstore import EventStore
-from eventstore.relay import Relay, RelayConfig
 from projections.freshness import wait_until_applied
 from projections.orders import OrderCache, OrderCacheQueries, OrderQueries, OrderViews
 from projections.projection import Projection
 from projections.verify import verify
 
 __all__ = ["DemoFailed", "DemoOptions", "remove_namespace", "run_demo"]
-
-# Seconds a running consumer may hold no partition before the demo restarts it (see _watch_consumers).
-UNASSIGNED_LIMIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -72,16 +67,10 @@ def run_demo(settings: Settings, options: DemoOptions, say: Callable[[str], None
         if not check.ok:
             raise DemoFailed(f"{check.name} at {check.detail}")
     ns = options.namespace
+    views: Projection[Any]
+    cache: Projection[Any]
     if ns is not None:
-        settings = settings.model_copy(
-            update={
-                "eventstore_schema": ns,
-                "topic_prefix": f"{ns}.events.",
-                "dead_letter_topic_prefix": f"{ns}.dlq.",
-            }
-        )
-        views: Projection[Any] = type("DemoViews", (OrderViews,), {"name": f"{ns}_views"})()
-        cache: Projection[Any] = type("DemoCache", (OrderCache,), {"name": f"{ns}_cache"})()
+        settings, views, cache = namespaced(settings, ns)
     else:
         views, cache = OrderViews(), OrderCache()
     run = _DemoRun(settings, options, views, cache, say)
@@ -117,9 +106,6 @@ class _DemoRun:
         self.projections = [views, cache]
         self.say = say
         self.run_id = uuid.uuid4().hex[:6]
-        self.stop_event = threading.Event()
-        self.threads: list[threading.Thread] = []
-        self.failures: list[BaseException] = []
         # Beside the relay (its follower, checkpoints) the demo reads, rebuilds and verifies from it.
         self.store = EventStore.connect(
             settings.psycopg_url(),
@@ -131,10 +117,16 @@ class _DemoRun:
             p.name: read_model_store(p, settings) for p in self.projections
         }
         self.metrics = PipelineMetrics()
-        self.live: dict[str, _Live] = {}
-        self.halts: list[threading.Event] = []
-        self.relay: Relay | None = None
-        self.relay_was_active = False
+        self.pipeline = DemoPipeline(
+            settings,
+            self.projections,
+            self.models,
+            self.store,
+            self.metrics,
+            say,
+            options.timeout,
+            lambda projection: self._rebuild(projection, handover_timeout=0.0),
+        )
 
     # -- the steps ----------------------------------------------------------------------------
 
@@ -149,13 +141,13 @@ class _DemoRun:
         )
         self.store.migrate()
         before = self._event_count()
-        port = self._start_pipeline()
+        port = self.pipeline.start()
         self.say(
             f"  store schema {s.eventstore_schema} ({before:,} events before), topics {s.topic_prefix}*, "
             f"read models {self.views.name} (PostgreSQL) and {self.cache.name} (Redis)"
         )
         self.say(
-            f"  started the relay and {len(self.consumers)} consumers; metrics on http://127.0.0.1:{port}/metrics"
+            f"  started the relay and {len(self.pipeline.consumers)} consumers; metrics on http://127.0.0.1:{port}/metrics"
         )
 
         self.say("1. workload through the command handlers")
@@ -177,13 +169,13 @@ class _DemoRun:
             f"  {appended:,} events appended in {seconds:.1f} s "
             f"({appended / max(seconds, 1e-9):,.0f} events/s, each command a load, a decision and one append)"
         )
-        self._check_alive()
+        self.pipeline.check_alive()
 
         self.say("2. the read models")
         waited = self._wait_applied(expected.versions)
         self.say(f"  caught up {waited:.2f} s after the last command")
         self._check_read_models(workload)
-        self._check_alive()
+        self.pipeline.check_alive()
 
         self.say(f"3. blue/green rebuild of {self.views.name} (progress on stderr)")
         self._rebuild(self.views)
@@ -202,160 +194,21 @@ class _DemoRun:
         report = self._settled_status()
         print_status(report, _SayStream(self.say))
         self._check_metrics(port, appended)
-        self._check_alive()
-
-    # -- pipeline -------------------------------------------------------------------------------
-
-    def _start_pipeline(self) -> int:
-        s = self.settings
-        prefixes = {"topic_prefix": s.topic_prefix, "dead_letter_prefix": s.dead_letter_topic_prefix}
-        self.metrics.watch_pipeline(s, self.projections, **prefixes)
-        port = self.metrics.serve(0)
-        config = RelayConfig(
-            topic_prefix=s.topic_prefix,
-            partitions=s.topic_partitions,
-            replication_factor=s.topic_replication_factor,
-            poll_interval=0.1,
-        )
-        self.relay = Relay(
-            self.store, s.kafka_config(), config, on_published=self.metrics.relay_observer("default")
-        )
-        self._create_topics()
-        self._thread("relay", self.relay.run)
-        for projection in self.projections:
-            self._start_consumer(projection)
-        self._thread("watchdog", self._watch_consumers)
-        self._wait("the consumers to join their groups", self._consumers_running)
-        return port
-
-    def _start_consumer(self, projection: Projection[Any]) -> None:
-        s = self.settings
-        models = self.models[projection.name]
-        config = consumer_config(s, observer=self.metrics.consumer_observer, max_batch=500)
-        consumer = LiveConsumer(projection, models.registry, models.make_target, s.kafka_config(), config)
-        halt = threading.Event()
-        self.live[projection.name] = _Live(consumer, halt, self._thread(projection.name, consumer.run, halt))
-
-    @property
-    def consumers(self) -> list[LiveConsumer]:
-        return [live.consumer for live in self.live.values()]
-
-    def _watch_consumers(self, stop: threading.Event) -> None:
-        """Restart a consumer left without partitions, as a supervisor would when ``health`` fails.
-
-        Each generation has one consumer here, so it must hold every partition. We saw kafka-python
-        3.0.12 revoke them all in a rebalance and never finish the rejoin (the broker lists the
-        member with its partitions; the client fetches nothing). It is said, never hidden.
-        """
-        while not stop.wait(0.5):
-            now = time.monotonic()
-            for name, live in list(self.live.items()):
-                current = live.consumer.current
-                if current is None or not current.running.is_set() or current.stats.assigned:
-                    live.unassigned_since = None
-                    continue
-                if live.unassigned_since is None:
-                    live.unassigned_since = now
-                elif now - live.unassigned_since > UNASSIGNED_LIMIT and not stop.is_set():
-                    self.say(
-                        f"  ! consumer {name} lost its partitions in a rebalance and got none back in "
-                        f"{UNASSIGNED_LIMIT:.0f} s (a kafka-python issue): restarting it"
-                    )
-                    live.halt.set()
-                    live.thread.join(timeout=60)
-                    self._start_consumer(live.consumer.projection)
-
-    def _create_topics(self) -> None:
-        """Create every topic the run will use, and wait until each partition has a leader.
-
-        Why: a topic created while a consumer group runs (the relay's first event of a stream
-        type, another consumer's dead-letter topic) makes kafka-python rebalance the group, and we
-        saw a consumer of kafka-python 3.0.12 stop fetching after such a rebalance (assigned all
-        partitions, fetching none). Created up front, no topic appears while the consumers run.
-        """
-        from kafka import KafkaAdminClient
-
-        from consumers.dead_letters import dead_letter_topic
-        from eventstore.relay.topics import create_missing_topics, topic_for
-
-        s = self.settings
-        stream_types = {"Customer", "Product", "Order"} | {
-            t for p in self.projections for t in p.stream_types
-        }
-        events = {topic_for(s.topic_prefix, t) for t in stream_types}
-        letters = {dead_letter_topic(s.dead_letter_topic_prefix, p.name) for p in self.projections}
-        admin = KafkaAdminClient(**s.kafka_config())
-        try:
-            create_missing_topics(admin, events, s.topic_partitions, s.topic_replication_factor)
-            create_missing_topics(admin, letters, 1, s.topic_replication_factor)  # as the consumers do
-            admin.wait_for_topics(sorted(events | letters), timeout_ms=int(self.options.timeout * 1000))
-        finally:
-            admin.close()
-
-    def _consumers_running(self) -> bool:
-        for consumer in self.consumers:
-            if consumer.waiting_for is not None and self._active_version(consumer.projection) is not None:
-                # The active generation is of another version of this code: build this version's.
-                self.say(f"  {consumer.waiting_for}: rebuilding it first")
-                self._rebuild(consumer.projection, handover_timeout=0.0)
-            if consumer.current is None or not consumer.current.running.is_set():
-                return False
-        return True
-
-    def _active_version(self, projection: Projection[Any]) -> int | None:
-        active = self.models[projection.name].registry.active(projection.name)
-        return active.version if active is not None else None
-
-    def _thread(
-        self, name: str, run: Callable[[threading.Event], None], halt: threading.Event | None = None
-    ) -> threading.Thread:
-        """Run ``run(stop)`` in a thread; ``halt`` stops it alone, :meth:`stop` stops them all."""
-        stop = halt or self.stop_event
-
-        def guarded() -> None:
-            try:
-                run(stop)
-            except BaseException as exc:
-                self.failures.append(exc)
-
-        thread = threading.Thread(target=guarded, name=f"demo-{name}", daemon=True)
-        thread.start()
-        self.threads.append(thread)
-        if halt is not None:
-            self.halts.append(halt)
-        return thread
-
-    def _check_alive(self) -> None:
-        if self.failures:
-            exc = self.failures[0]
-            raise DemoFailed(f"a pipeline thread stopped: {type(exc).__name__}: {exc}")
-        if self.relay is not None and self.relay.is_active.is_set():
-            self.relay_was_active = True
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        for halt in self.halts:
-            halt.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
-        stuck = [t.name for t in self.threads if t.is_alive()]
-        self.store.close()
-        for models in self.models.values():
-            models.close()
-        if stuck:
-            raise DemoFailed(f"{', '.join(stuck)} did not stop within 60 s")
-        self.say(f"stopped the relay and the {len(self.consumers)} consumers")
+        self.pipeline.check_alive()
 
     # -- waiting and checking -------------------------------------------------------------------
 
+    def stop(self) -> None:
+        """Stop the pipeline and release the clients."""
+        try:
+            self.pipeline.stop()
+        finally:
+            self.store.close()
+            for models in self.models.values():
+                models.close()
+
     def _wait(self, what: str, condition: Callable[[], bool]) -> float:
-        started = time.monotonic()
-        while not condition():
-            self._check_alive()
-            if time.monotonic() - started > self.options.timeout:
-                raise DemoFailed(f"timed out after {self.options.timeout:.0f} s waiting for {what}")
-            time.sleep(0.05)
-        return time.monotonic() - started
+        return self.pipeline.wait(what, condition)
 
     def _wait_applied(self, versions: dict[tuple[str, Any], int]) -> float:
         started = time.monotonic()
@@ -369,7 +222,7 @@ class _DemoRun:
             try:
                 wait_until_applied(projection, target, writes, timeout=max(remaining, 0.1))
             except TimeoutError as exc:
-                self._check_alive()
+                self.pipeline.check_alive()
                 print_status(self._status(), sys.stderr, partitions=True)
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)  # where each thread is
                 raise DemoFailed(f"{projection.name} did not catch up: {exc}") from None
@@ -439,7 +292,7 @@ class _DemoRun:
             RebuildOptions(handover_timeout=handover_timeout, drop_old=True),
             on_progress=ProgressBar(sys.stderr).show,
         )
-        report = rebuild.run(self.stop_event)
+        report = rebuild.run(self.pipeline.stop_event)
         if not report.activated:
             raise DemoFailed(f"the rebuild of {projection.name} did not finish")
         if handover_timeout and not report.handed_over:
@@ -537,7 +390,7 @@ class _DemoRun:
             + f" in {batches:,.0f} batches"
         )
         # Another relay or consumer process may share the work outside a namespace: check ours did some.
-        if self.relay_was_active and published < (appended if self.options.namespace else 1):
+        if self.pipeline.relay_was_active and published < (appended if self.options.namespace else 1):
             raise DemoFailed(
                 f"the relay's metrics show {published:.0f} events published, {appended} appended"
             )
@@ -550,68 +403,6 @@ class _DemoRun:
         with self.store.pool.connection() as conn:
             row = conn.execute(f'SELECT count(*) FROM "{self.store.schema}".events').fetchone()
         return int(row[0]) if row else 0
-
-
-def remove_namespace(settings: Settings, namespace: str) -> None:
-    """Drop what ``datalayer demo --namespace NAMESPACE`` created: the store's schema, both read
-    models' generations and aliases, the topics and the consumer groups. ``settings`` are the
-    servers'; the names all derive from ``namespace``."""
-    from kafka import KafkaAdminClient
-    from sqlalchemy import text
-
-    from projections.generations import REDIS_ALIASES
-
-    views, cache = f"{namespace}_views", f"{namespace}_cache"
-    engine = postgres_engine(settings)
-    client = redis_client(settings)
-    generations: list[str] = []
-    try:
-        with engine.begin() as conn:
-            registry = conn.exec_driver_sql(
-                "SELECT to_regclass('datalayer_read_models.generations')"
-            ).scalar()
-            if registry is not None:
-                rows = conn.execute(
-                    text("SELECT generation FROM datalayer_read_models.generations WHERE projection = :p"),
-                    {"p": views},
-                ).all()
-                generations += [r[0] for r in rows]
-                conn.execute(
-                    text("DELETE FROM datalayer_read_models.generations WHERE projection = :p"), {"p": views}
-                )
-            for schema in [*generations, views, namespace]:
-                conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        cached = [_text(g) for g in client.hkeys(f"dl:generations:{cache}")]
-        generations += cached
-        for generation in cached:
-            for key in client.scan_iter(match=f"dl:{{{generation}}}:*", count=1000):
-                client.unlink(key)
-        client.delete(f"dl:generations:{cache}")
-        client.hdel(REDIS_ALIASES, cache)
-    finally:
-        engine.dispose()
-        client.close()
-    admin = KafkaAdminClient(**settings.kafka_config())
-    try:
-        topics = [t for t in admin.list_topics() if t.startswith(f"{namespace}.")]
-        if topics:
-            admin.delete_topics(topics)
-        groups = {group_for(g) for g in generations}
-        existing = {g["group_id"] for g in admin.list_groups()}
-        if groups & existing:
-            admin.delete_groups(sorted(groups & existing))
-    finally:
-        admin.close()
-
-
-@dataclass
-class _Live:
-    """A live consumer of the demo, the event that stops it alone, and its thread."""
-
-    consumer: LiveConsumer
-    halt: threading.Event
-    thread: threading.Thread
-    unassigned_since: float | None = None
 
 
 class _SayStream:
@@ -630,7 +421,3 @@ class _SayStream:
 
     def flush(self) -> None:
         pass
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
