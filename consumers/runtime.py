@@ -13,7 +13,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,11 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# Called once per applied batch (never per event) with the consumer, the batch's outcome and the
+# seconds it took to apply: how datalayer.metrics counts without touching the hot path.
+BatchObserver = Callable[["ProjectionConsumer", BatchOutcome, float], None]
+
+
 @dataclass(frozen=True)
 class ConsumerConfig:
     """How a projection consumer names its group and topics, batches, and retries."""
@@ -64,6 +69,7 @@ class ConsumerConfig:
     # Before the first batch, once per process: take the objects alive then out of the garbage
     # collector's passes (see _freeze_startup_objects). False leaves the collector as it is.
     freeze_gc: bool = True
+    observer: BatchObserver | None = None
 
     def group_for(self, projection: Projection[Any]) -> str:
         """One consumer group per projection version: ``datalayer.projection.order_views_v1``."""
@@ -146,11 +152,14 @@ class ProjectionConsumer:
                 if not polled:
                     continue
                 items, checkpoints, offsets = _read(polled)
+                started = time.perf_counter()
                 try:
                     outcome = self._apply(items, checkpoints, sink, stop)
                 except _Stopped:
                     break
                 self.stats.add(outcome)
+                if self.config.observer is not None:
+                    self.config.observer(self, outcome, time.perf_counter() - started)
                 # Only for lag tools: the offsets that matter were committed with the batch.
                 consumer.commit_async(offsets=offsets)
         finally:

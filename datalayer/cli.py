@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 from datalayer.read_model_commands import add_commands as add_read_model_commands
 from datalayer.security_commands import add_commands as add_security_commands
 from datalayer.settings import Settings, SettingsError, load_settings
+from datalayer.status_commands import add_commands as add_status_commands
+from datalayer.status_commands import add_metrics_arguments
 from datalayer.wiring import UnknownProjection, event_store
 
 if TYPE_CHECKING:
@@ -27,17 +29,6 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 Handler = Callable[[argparse.Namespace, Settings], int]
-
-
-def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from datalayer.clients import check_kafka_tls
-    from datalayer.smoke import run_smoke
-
-    check_kafka_tls(settings)
-    print("datalayer demo: a round trip PostgreSQL -> Kafka -> Redis on the configured servers")
-    run_smoke(settings, messages=args.messages)
-    print("demo: ok")
-    return EXIT_OK
 
 
 def _cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
@@ -151,7 +142,16 @@ def _cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
         replication_factor=settings.topic_replication_factor,
         batch_size=args.batch_size,
     )
-    relay = Relay(store, settings.kafka_config(), config)
+    on_published = None
+    if args.metrics_port is not None and not args.lag:
+        from datalayer.metrics import PipelineMetrics
+
+        metrics = PipelineMetrics()
+        metrics.watch_pipeline(settings, [], args.name)
+        metrics.count_logged_errors("relay", "datalayer.relay")
+        on_published = metrics.relay_observer(args.name)
+        metrics.serve(args.metrics_port, args.metrics_host)
+    relay = Relay(store, settings.kafka_config(), config, on_published=on_published)
     try:
         if args.lag:
             print(json.dumps(relay.lag().as_dict(), indent=2))
@@ -361,17 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    demo = commands.add_parser(
-        "demo",
-        help="run a round trip through PostgreSQL, Kafka and Redis",
-        description="Write rows to PostgreSQL, publish them to Kafka, consume them and store them in "
-        "Redis, checking each step.",
-        epilog="example: datalayer demo --messages 100",
+    parser.add_argument(
+        "--log-json", action="store_true", help="log one JSON object per line on stderr (for collectors)"
     )
-    demo.add_argument("--messages", type=int, default=10, help="how many records (default 10)")
-    demo.set_defaults(handler=_cmd_demo)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     show = commands.add_parser(
         "settings",
@@ -390,15 +383,18 @@ def build_parser() -> argparse.ArgumentParser:
         "At least once: the checkpoint moves only after Kafka acknowledged. One relay per store and name is "
         "active; more instances wait as hot standbys. SIGTERM flushes, checkpoints and exits 0.",
         epilog="example: DATALAYER_TOPIC_PREFIX=prod.events. datalayer relay\n"
-        "         datalayer relay --lag   # checkpoint, lag in events and seconds, horizon stall (JSON)",
+        "         datalayer relay --lag   # checkpoint, lag in events and seconds, horizon stall (JSON)\n"
+        "         datalayer relay --metrics-port 9300   # Prometheus metrics on :9300/metrics",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     relay.add_argument("--name", default="default", help="relay name: one active relay per name (default)")
     relay.add_argument("--batch-size", type=int, default=5000, help="events per batch (default 5000)")
     relay.add_argument("--lag", action="store_true", help="print the relay's lag as JSON and exit")
+    add_metrics_arguments(relay)
     relay.set_defaults(handler=_cmd_relay)
 
     add_read_model_commands(commands)
+    add_status_commands(commands)
 
     db = commands.add_parser(
         "db", help="the event store's schema", description="Manage the event store's schema."
@@ -465,6 +461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"datalayer: {exc}", file=sys.stderr)
         return EXIT_USAGE
     handler: Handler = args.handler
+    if args.log_json:
+        from datalayer.logs import use_json_logs
+
+        use_json_logs()
     try:
         return handler(args, settings)
     except UnknownProjection as exc:

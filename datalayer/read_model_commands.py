@@ -14,6 +14,7 @@ import time
 from typing import Any, TextIO
 
 from datalayer.settings import Settings
+from datalayer.status_commands import add_metrics_arguments
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -50,6 +51,14 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     _logging()
     _check_kafka_tls(settings)
     config = consumer_config(settings, max_batch=args.batch_size)
+    if args.metrics_port is not None:
+        from datalayer.metrics import PipelineMetrics
+
+        metrics = PipelineMetrics()
+        metrics.watch_pipeline(settings, projections)
+        metrics.count_logged_errors("consumer", "datalayer.consumer")
+        config = consumer_config(settings, max_batch=args.batch_size, observer=metrics.consumer_observer)
+        metrics.serve(args.metrics_port, args.metrics_host)
     stores = [read_model_store(p, settings) for p in projections]
     consumers = [
         LiveConsumer(p, s.registry, s.make_target, settings.kafka_config(), config)
@@ -245,13 +254,15 @@ def add_commands(commands: Any) -> None:
         "name. SIGTERM finishes the batch in hand and exits 0.",
         epilog="example: datalayer consume                # every known projection\n"
         "         datalayer consume order_views    # one of them\n"
-        "         datalayer consume mypkg.views:Stats",
+        "         datalayer consume mypkg.views:Stats\n"
+        "         datalayer consume --metrics-port 9301   # Prometheus metrics on :9301/metrics",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     consume.add_argument(
         "projections", nargs="*", metavar="PROJECTION", help="names or module:Class (default: all known)"
     )
     consume.add_argument("--batch-size", type=int, default=1000, help="records per batch (default 1000)")
+    add_metrics_arguments(consume)
     consume.set_defaults(handler=cmd_consume)
 
     rebuild = commands.add_parser(
