@@ -26,8 +26,17 @@ down:
 status:
 	@stack/stack.sh status
 
+# Customers' personal fields are sealed under a master key from the environment. When none is set,
+# the demo uses a throwaway key kept beside the local stack's state (like its TLS CA), made once.
+STATE_DIR := $(or $(DATALAYER_STATE_DIR),$(CURDIR)/.stack)
 demo: up
-	@$(VENV)/bin/datalayer demo
+	@if [ -z "$$DATALAYER_MASTER_KEY$$DATALAYER_MASTER_KEY_FILE" ]; then \
+	  key="$(STATE_DIR)/master.key"; \
+	  test -f "$$key" || $(VENV)/bin/datalayer keys new-master --file "$$key" >/dev/null || exit 1; \
+	  echo "demo: DATALAYER_MASTER_KEY_FILE=$$key (a throwaway key of the local stack)"; \
+	  export DATALAYER_MASTER_KEY_FILE="$$key"; \
+	fi; \
+	$(VENV)/bin/datalayer demo
 
 lint: venv
 	@$(VENV)/bin/ruff check .

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import base64
 import getpass
+import os
 from uuid import UUID
 
 from datalayer.settings import Settings
@@ -110,7 +111,9 @@ def cmd_keys_new_master(args: argparse.Namespace, settings: Settings) -> int:
 
     key = new_master_key()
     if args.file:
-        with open(args.file, "x", encoding="ascii") as out:  # never overwrite a key
+        # Never overwrite a key; readable by its owner only.
+        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as out:
             out.write(key + "\n")
         key_id = MasterKey(base64.b64decode(key), "new").key_id
         print(f"wrote a new master key (id {key_id}) to {args.file}: point DATALAYER_MASTER_KEY_FILE at it")
