@@ -15,10 +15,12 @@ The order of steps is what makes the handover exact:
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +29,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from consumers.dead_letters import DEAD_LETTER_PRODUCER_SETTINGS, KafkaDeadLetters, dead_letter_topic
 from consumers.live import TargetFactory, group_for
-from consumers.runtime import ConsumerConfig, ProjectionConsumer
+from consumers.runtime import ConsumerConfig, ProjectionConsumer, _freeze_startup_objects
 from eventstore.relay.topics import create_missing_topics, topic_for
 from eventstore.store import EventStore
 from projections.generations import BUILDING, RETIRED, Generation, GenerationRegistry
@@ -36,6 +38,9 @@ from projections.replay import LOG_CHECKPOINT, ReplayStats, replay
 from projections.target import ProjectionTarget
 
 log = logging.getLogger("datalayer.rebuild")
+
+# Allocations between two young-generation collections while replaying (Python's default is 700).
+_REPLAY_GC_THRESHOLD = 50_000
 
 
 @dataclass(frozen=True)
@@ -198,19 +203,40 @@ class Rebuild:
         dlq = dead_letter_topic(self.config.dead_letter_prefix, self.projection.name)
         sink = KafkaDeadLetters(producer, dlq, self.projection.name)
         try:
-            return replay(
-                self.projection,
-                target,
-                self.store,
-                batch_size=self.options.batch_size,
-                dead_letters=sink,
-                on_batch=on_batch,
-            )
+            with self._fewer_collections():
+                return replay(
+                    self.projection,
+                    target,
+                    self.store,
+                    batch_size=self.options.batch_size,
+                    dead_letters=sink,
+                    on_batch=on_batch,
+                )
         except _Interrupted:
             log.info("rebuild %s: interrupted; run it again to resume", self.projection.name)
             return ReplayStats(events_read=progress.events_read)
         finally:
             producer.close(timeout=10)
+
+    @contextmanager
+    def _fewer_collections(self) -> Iterator[None]:
+        """While replaying: start-up objects frozen, and young collections ~70 times rarer.
+
+        Why: a replay batch holds thousands of events alive and allocates hundreds of thousands of
+        short-lived containers, and every 700 allocations the collector walked the young ones, which
+        cost a rebuild about a tenth of its time. Garbage without cycles is still freed at once, by
+        reference counting; only the collector's passes are rarer.
+        """
+        if not self.config.freeze_gc:
+            yield
+            return
+        _freeze_startup_objects()
+        previous = gc.get_threshold()
+        gc.set_threshold(_REPLAY_GC_THRESHOLD, *previous[1:])
+        try:
+            yield
+        finally:
+            gc.set_threshold(*previous)
 
     def _catch_up_and_activate(
         self,

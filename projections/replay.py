@@ -44,7 +44,8 @@ def replay(
 ) -> ReplayStats:
     """Apply the log from the target's ``log`` checkpoint to its end (or to ``until``, inclusive).
 
-    Events of stream types the projection does not consume only move the checkpoint. Dead letters
+    Only events of the projection's stream types are read (the store filters them), so the
+    checkpoint is the last of those applied. Dead letters
     go to ``dead_letters`` (default: collected and raised as one error at the end, so a replay
     never hides them).
     """
@@ -52,16 +53,14 @@ def replay(
     sink = dead_letters or collected.extend
     stored = target.checkpoints().get(LOG_CHECKPOINT)
     stats = ReplayStats(position=LogPosition.parse(stored) if stored else LOG_START)
-    types = set(projection.stream_types)
+    types = sorted(set(projection.stream_types))
     while True:
-        events = store.read_all(after=stats.position, limit=batch_size)
+        events = store.read_all(after=stats.position, limit=batch_size, stream_types=types)
         if until is not None:
             events = [e for e in events if e.log_position <= until]
         if not events:
             break
-        items: Sequence[SourceItem] = [
-            SourceItem(event_from_record(e), e) for e in events if e.stream_type in types
-        ]
+        items: Sequence[SourceItem] = [SourceItem(event_from_record(e), e) for e in events]
         last = events[-1].log_position
         outcome = apply_batch(projection, target, items, {LOG_CHECKPOINT: str(last)}, sink)
         stats.events_read += len(events)
