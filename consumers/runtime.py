@@ -56,7 +56,7 @@ class ConsumerConfig:
     partitions: int = 6
     replication_factor: int = 1
     group_id: str | None = None
-    max_batch: int = 1000
+    max_batch: int = 2000
     poll_timeout_ms: int = 200
     max_retries: int = 10
     initial_backoff: float = 0.2
