@@ -184,19 +184,20 @@ def _check_fields(doc: dict[str, Any]) -> None:
 
 def event_from_record(event: RecordedEvent) -> ProjectedEvent:
     """The same event read straight from the store (replay): no envelope round trip."""
+    # Positional, in the dataclass's field order (see event_from_envelope).
     return ProjectedEvent(
-        stream_id=str(event.stream_id),
-        stream_type=event.stream_type,
-        stream_version=event.stream_version,
-        event_id=str(event.event_id),
-        event_type=event.event_type,
-        schema_version=event.schema_version,
-        position=event.position,
-        transaction_id=event.transaction_id,
-        recorded_at=event.recorded_at,
-        metadata=event.metadata.to_dict(),
-        payload_encoding="bytes",
-        raw_payload=event.payload,
+        _stream_text(event.stream_id),
+        event.stream_type,
+        event.stream_version,
+        str(event.event_id),
+        event.event_type,
+        event.schema_version,
+        event.position,
+        event.transaction_id,
+        event.recorded_at,
+        event.metadata.to_dict(),
+        "bytes",
+        event.payload,
     )
 
 
@@ -410,6 +411,7 @@ def _revive_owned_list(items: list[Any], revivers: dict[str, Reviver]) -> None:
 
 
 _STREAM_UUIDS: dict[str, UUID] = {}
+_STREAM_TEXTS: dict[UUID, str] = {}
 _STREAM_UUID_CACHE_LIMIT = 100_000
 
 
@@ -421,6 +423,19 @@ def _stream_uuid(stream_id: str) -> UUID:
             _STREAM_UUIDS.clear()
         found = _STREAM_UUIDS[stream_id] = UUID(stream_id)
     return found
+
+
+def _stream_text(stream_id: UUID) -> str:
+    """``str(stream_id)``, remembered both ways: a stream's events come together, in replay as well."""
+    text = _STREAM_TEXTS.get(stream_id)
+    if text is None:
+        if len(_STREAM_TEXTS) >= _STREAM_UUID_CACHE_LIMIT:
+            _STREAM_TEXTS.clear()
+        text = _STREAM_TEXTS[stream_id] = str(stream_id)
+        if len(_STREAM_UUIDS) >= _STREAM_UUID_CACHE_LIMIT:
+            _STREAM_UUIDS.clear()
+        _STREAM_UUIDS[text] = stream_id
+    return text
 
 
 def event_decoder(application_name: str = "", env: dict[str, str] | None = None) -> EventDecoder:
