@@ -15,12 +15,10 @@ The order of steps is what makes the handover exact:
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,9 +36,6 @@ from projections.replay import LOG_CHECKPOINT, ReplayStats, replay
 from projections.target import ProjectionTarget
 
 log = logging.getLogger("datalayer.rebuild")
-
-# Allocations between two young-generation collections while replaying (Python's default is 700).
-_REPLAY_GC_THRESHOLD = 50_000
 
 
 @dataclass(frozen=True)
@@ -203,40 +198,21 @@ class Rebuild:
         dlq = dead_letter_topic(self.config.dead_letter_prefix, self.projection.name)
         sink = KafkaDeadLetters(producer, dlq, self.projection.name)
         try:
-            with self._fewer_collections():
-                return replay(
-                    self.projection,
-                    target,
-                    self.store,
-                    batch_size=self.options.batch_size,
-                    dead_letters=sink,
-                    on_batch=on_batch,
-                )
+            if self.config.freeze_gc:
+                _freeze_startup_objects()  # as a consumer does: the same batches, the same garbage
+            return replay(
+                self.projection,
+                target,
+                self.store,
+                batch_size=self.options.batch_size,
+                dead_letters=sink,
+                on_batch=on_batch,
+            )
         except _Interrupted:
             log.info("rebuild %s: interrupted; run it again to resume", self.projection.name)
             return ReplayStats(events_read=progress.events_read)
         finally:
             producer.close(timeout=10)
-
-    @contextmanager
-    def _fewer_collections(self) -> Iterator[None]:
-        """While replaying: start-up objects frozen, and young collections ~70 times rarer.
-
-        Why: a replay batch holds thousands of events alive and allocates hundreds of thousands of
-        short-lived containers, and every 700 allocations the collector walked the young ones, which
-        cost a rebuild about a tenth of its time. Garbage without cycles is still freed at once, by
-        reference counting; only the collector's passes are rarer.
-        """
-        if not self.config.freeze_gc:
-            yield
-            return
-        _freeze_startup_objects()
-        previous = gc.get_threshold()
-        gc.set_threshold(_REPLAY_GC_THRESHOLD, *previous[1:])
-        try:
-            yield
-        finally:
-            gc.set_threshold(*previous)
 
     def _catch_up_and_activate(
         self,
