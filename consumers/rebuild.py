@@ -27,7 +27,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from consumers.dead_letters import DEAD_LETTER_PRODUCER_SETTINGS, KafkaDeadLetters, dead_letter_topic
 from consumers.live import TargetFactory, group_for
-from consumers.runtime import ConsumerConfig, ProjectionConsumer
+from consumers.runtime import ConsumerConfig, ProjectionConsumer, _freeze_startup_objects
 from eventstore.relay.topics import create_missing_topics, topic_for
 from eventstore.store import EventStore
 from projections.generations import BUILDING, RETIRED, Generation, GenerationRegistry
@@ -198,6 +198,8 @@ class Rebuild:
         dlq = dead_letter_topic(self.config.dead_letter_prefix, self.projection.name)
         sink = KafkaDeadLetters(producer, dlq, self.projection.name)
         try:
+            if self.config.freeze_gc:
+                _freeze_startup_objects()  # as a consumer does: the same batches, the same garbage
             return replay(
                 self.projection,
                 target,

@@ -115,6 +115,18 @@ class EventStore:
             .format(s)
             .as_bytes()
         )
+        # The same, for some stream types only: a reader of a few types need not fetch the others.
+        self._read_all_of_types = (
+            sql.SQL(
+                "SELECT " + _COLUMNS + " FROM {}.events"
+                " WHERE (transaction_id, position) > (%s::text::xid8, %s)"
+                "   AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
+                "   AND stream_type = ANY(%s)"
+                " ORDER BY transaction_id, position LIMIT %s"
+            )
+            .format(s)
+            .as_bytes()
+        )
 
     @classmethod
     def connect(
@@ -356,14 +368,25 @@ class EventStore:
             row = conn.execute(query, (stream_id, moment)).fetchone()
         return int(row[0]) if row else 0
 
-    def read_all(self, after: LogPosition = LOG_START, limit: int = 1000) -> list[RecordedEvent]:
+    def read_all(
+        self,
+        after: LogPosition = LOG_START,
+        limit: int = 1000,
+        stream_types: Sequence[str] | None = None,
+    ) -> list[RecordedEvent]:
         """Up to ``limit`` events after ``after`` in commit order, never skipping a late commit.
 
         Resume by passing the last event's :attr:`RecordedEvent.log_position`. A transaction still
         open holds back events written after it began; :meth:`horizon` measures that stall.
+        ``stream_types`` keeps only events of those stream types (the server filters them).
         """
+        xid = str(after.transaction_id)
         with self.pool.connection() as conn:
-            rows = conn.execute(self._read_all, (str(after.transaction_id), after.position, limit)).fetchall()
+            if stream_types is None:
+                rows = conn.execute(self._read_all, (xid, after.position, limit)).fetchall()
+            else:
+                params = (xid, after.position, list(stream_types), limit)
+                rows = conn.execute(self._read_all_of_types, params).fetchall()
         return [_recorded(row) for row in rows]
 
     def horizon(self) -> Horizon:

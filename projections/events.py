@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -17,7 +17,15 @@ from uuid import UUID
 
 import orjson
 from eventsourcing.domain import DomainEventProtocol
-from eventsourcing.persistence import JSONTranscoder, Mapper, StoredEvent, Transcoder
+from eventsourcing.persistence import (
+    JSONTranscoder,
+    Mapper,
+    StoredEvent,
+    Transcoder,
+    Transcoding,
+    UUIDAsHex,
+    find_id_convertor,
+)
 from eventsourcing.utils import resolve_topic
 
 from eventstore.personal import PersonalFields, personal_fields_from_env, personal_marker
@@ -178,19 +186,20 @@ def _check_fields(doc: dict[str, Any]) -> None:
 
 def event_from_record(event: RecordedEvent) -> ProjectedEvent:
     """The same event read straight from the store (replay): no envelope round trip."""
+    # Positional, in the dataclass's field order (see event_from_envelope).
     return ProjectedEvent(
-        stream_id=str(event.stream_id),
-        stream_type=event.stream_type,
-        stream_version=event.stream_version,
-        event_id=str(event.event_id),
-        event_type=event.event_type,
-        schema_version=event.schema_version,
-        position=event.position,
-        transaction_id=event.transaction_id,
-        recorded_at=event.recorded_at,
-        metadata=event.metadata.to_dict(),
-        payload_encoding="bytes",
-        raw_payload=event.payload,
+        _stream_text(event.stream_id),
+        event.stream_type,
+        event.stream_version,
+        str(event.event_id),
+        event.event_type,
+        event.schema_version,
+        event.position,
+        event.transaction_id,
+        event.recorded_at,
+        event.metadata.to_dict(),
+        "bytes",
+        event.payload,
     )
 
 
@@ -201,11 +210,12 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 
 class EventDecoder:
-    """Checks an event's type and schema version, and decodes its payload.
+    """Checks an event's type and schema version, and decodes its payload into the domain event.
 
-    This one reads ``eventsourcing`` events through the application's :class:`Mapper`, so the cipher,
-    the compressor and the upcasters of the write side apply unchanged: a handler receives the
-    domain event object at its current class version.
+    Results are always what the application's :class:`Mapper` gives, so the cipher, the compressor
+    and the upcasters of the write side apply unchanged: a handler receives the domain event object
+    at its current class version. :meth:`_decode` is the one place that decides how: directly, or
+    through the mapper.
     """
 
     def __init__(self, mapper: Mapper[UUID], personal: PersonalFields | None = None) -> None:
@@ -218,21 +228,22 @@ class EventDecoder:
         self._without_personal: set[str] = set()
         if personal is not None:
             self._bound = self._decode_personal
-        # Why a fast path: a JSON payload reaches the consumer already parsed (with the envelope),
-        # and the plain mapper would dump it and parse it again with the stdlib's json. When nothing
-        # can differ -- the library's own Mapper and JSONTranscoder, no cipher, no compressor -- the
-        # parsed payload is revived with the transcoder's own object hook, exactly as json.loads
-        # would call it, and handed to an identical Mapper whose transcoder passes it through, so
-        # upcasting and event construction stay the library's. Saves ~1.5 us of ~6 per event.
         transcoder = mapper.transcoder
-        plain = (
+        # Whether payloads may be decoded without the mapper: only when it can do nothing more than
+        # parse JSON and apply its transcodings -- the library's own Mapper and JSONTranscoder, no
+        # cipher, no compressor. Anything else (a cipher, a compressor, a custom mapper or
+        # transcoder) sends every payload through the mapper. Personal fields are opened after
+        # either path, by _decode_personal.
+        direct = (
             type(mapper) is Mapper
             and type(transcoder) is JSONTranscoder
             and mapper.cipher is None
             and mapper.compressor is None
         )
-        self._hook: Callable[[dict[str, Any]], Any] | None = transcoder._decode_obj if plain else None  # type: ignore[attr-defined]
+        self._revivers = _revivers(transcoder.names) if direct else None  # type: ignore[attr-defined]
+        # The library's own event construction and upcasting, for states already parsed and revived.
         self._revived: Mapper[UUID] = Mapper(_Revived())
+        self._classes: dict[str, tuple[type, int, Callable[[Any], Any]]] = {}
 
     def check(self, event: ProjectedEvent) -> None:
         """Raise :class:`MalformedEvent` if the type is unknown here or the schema is newer than ours."""
@@ -255,15 +266,30 @@ class EventDecoder:
         event._decode = self._bound
 
     def _decode(self, event: ProjectedEvent) -> DomainEventProtocol[UUID]:
-        hook = self._hook
-        if hook is not None and event.payload_encoding == "json" and type(event.raw_payload) is dict:
+        """The payload as the domain event: the one decode entry point, fast path or mapper.
+
+        Direct (when ``_revivers`` is set, see ``__init__``): parse the JSON with orjson (a
+        payload from Kafka arrives parsed already, with its envelope), revive the transcoded values
+        exactly as the transcoder's object hook would, and build the event object as the mapper
+        does. Why: the mapper parses with the stdlib's json and a Python hook per object, and this is
+        cheaper for the same result. A stored payload with a float (orjson reads an integer beyond
+        64 bits as one), or any payload that fails here, goes through the mapper after all, which
+        also names the fault; an event that needs upcasting is upcast by the library's mapper.
+        """
+        revivers = self._revivers
+        if revivers is not None:
             try:
-                state = _revive(event.raw_payload, hook)
-                revived = StoredEvent(
-                    _stream_uuid(event.stream_id), event.stream_version, event.event_type, state
-                )
-                return self._revived.to_domain_event(revived)
-            except Exception:  # the general path below raises the canonical error
+                encoding = event.payload_encoding
+                raw = event.raw_payload
+                if encoding == "bytes":
+                    document = orjson.loads(raw)
+                    if type(document) is dict:
+                        return self._from_state(event, _revive_owned(document, revivers))
+                elif encoding == "json" and type(raw) is dict:
+                    # Parsed with its envelope, where orjson decided any floats already.
+                    return self._from_state(event, _revive(raw, revivers))
+                # base64 (not JSON) or not an object: the mapper decides what it is.
+            except Exception:  # the mapper below decodes it exactly, or raises the canonical error
                 pass
         try:
             stored = StoredEvent(
@@ -287,6 +313,27 @@ class EventDecoder:
         assert self.personal is not None
         return self.personal.reveal(decoded)
 
+    def _from_state(self, event: ProjectedEvent, state: dict[str, Any]) -> DomainEventProtocol[UUID]:
+        """What ``Mapper.to_domain_event`` builds from a decoded ``state`` (upcasting through it)."""
+        topic = event.event_type
+        found = self._classes.get(topic)
+        if found is None:
+            cls = resolve_topic(topic)
+            convert = find_id_convertor(cls, UUID)
+            found = self._classes[topic] = (cls, int(getattr(cls, "class_version", 1)), convert)
+        cls, class_version, convert = found
+        originator_id = _stream_uuid(event.stream_id)
+        if state.get("class_version", 1) < class_version:
+            # The state goes in decoded: the _Revived transcoder passes it through.
+            stored = StoredEvent(originator_id, event.stream_version, topic, state)  # type: ignore[arg-type]
+            return self._revived.to_domain_event(stored)
+        state.pop("class_version", None)
+        state["originator_id"] = convert(originator_id)
+        state["originator_version"] = event.stream_version
+        domain_event: DomainEventProtocol[UUID] = object.__new__(cls)
+        object.__setattr__(domain_event, "__dict__", state)
+        return domain_event
+
 
 class _Revived(Transcoder):
     """The transcoder of :attr:`EventDecoder._revived`: the state it is handed is already decoded."""
@@ -298,28 +345,93 @@ class _Revived(Transcoder):
         return data
 
 
-def _revive(document: dict[str, Any], hook: Callable[[dict[str, Any]], Any]) -> Any:
-    """``json.loads(dumps(document), object_hook=hook)`` without the round trip: new containers,
-    each object passed to ``hook`` after its members, in document order, as the json module does."""
+class _Inexact(Exception):
+    """A float in a payload parsed by orjson: possibly an integer beyond 64 bits, which it rounds."""
+
+
+Reviver = Callable[[Any], Any]
+
+
+def _revivers(transcodings: Mapping[str, Transcoding]) -> dict[str, Reviver]:
+    """Each transcoding's ``decode`` by name; UUIDs remembered, as ids recur and parsing costs ~1 us."""
+    revivers: dict[str, Reviver] = {}
+    for name, transcoding in transcodings.items():
+        revivers[name] = _remembered_uuid if type(transcoding) is UUIDAsHex else transcoding.decode
+    return revivers
+
+
+_UUIDS: dict[str, UUID] = {}
+_UUID_CACHE_LIMIT = 100_000
+
+
+def _remembered_uuid(data: str) -> UUID:
+    """``UUIDAsHex.decode(data)``: equal UUIDs, immutable, so one object may serve every event."""
+    found = _UUIDS.get(data)
+    if found is None:
+        if type(data) is not str:
+            raise TypeError(f"a uuid_hex value must be a string, got {type(data).__name__}")
+        if len(_UUIDS) >= _UUID_CACHE_LIMIT:
+            _UUIDS.clear()
+        found = _UUIDS[data] = UUID(data)
+    return found
+
+
+def _revive(document: dict[str, Any], revivers: dict[str, Reviver]) -> Any:
+    """``json.loads(dumps(document), object_hook=JSONTranscoder._decode_obj)`` without the round trip.
+
+    New containers, each object revived after its members, as the json module calls the hook: a
+    ``{"_type_": name, "_data_": data}`` object becomes the transcoding's ``decode(data)``. For a
+    payload carried parsed in a Kafka envelope, which the decoder must leave as it is.
+    """
     fresh: dict[str, Any] = {}
     for key, value in document.items():
         kind = type(value)
         if kind is dict:
-            value = _revive(value, hook)
+            value = _revive(value, revivers)
         elif kind is list:
-            value = _revive_list(value, hook)
+            value = _revive_list(value, revivers)
         fresh[key] = value
-    return hook(fresh)
+    if len(fresh) == 2 and "_type_" in fresh and "_data_" in fresh:
+        return revivers[fresh["_type_"]](fresh["_data_"])
+    return fresh
 
 
-def _revive_list(items: list[Any], hook: Callable[[dict[str, Any]], Any]) -> list[Any]:
+def _revive_list(items: list[Any], revivers: dict[str, Reviver]) -> list[Any]:
     return [
-        _revive(v, hook) if type(v) is dict else _revive_list(v, hook) if type(v) is list else v
+        _revive(v, revivers) if type(v) is dict else _revive_list(v, revivers) if type(v) is list else v
         for v in items
     ]
 
 
+def _revive_owned(document: dict[str, Any], revivers: dict[str, Reviver]) -> Any:
+    """:func:`_revive` in place, for a document parsed here and used once; raises :class:`_Inexact`
+    at any float, so that the stdlib's json reads that payload exactly instead."""
+    for key, value in document.items():
+        kind = type(value)
+        if kind is dict:
+            document[key] = _revive_owned(value, revivers)
+        elif kind is list:
+            _revive_owned_list(value, revivers)
+        elif kind is float:
+            raise _Inexact(key)
+    if len(document) == 2 and "_type_" in document and "_data_" in document:
+        return revivers[document["_type_"]](document["_data_"])
+    return document
+
+
+def _revive_owned_list(items: list[Any], revivers: dict[str, Reviver]) -> None:
+    for i, value in enumerate(items):
+        kind = type(value)
+        if kind is dict:
+            items[i] = _revive_owned(value, revivers)
+        elif kind is list:
+            _revive_owned_list(value, revivers)
+        elif kind is float:
+            raise _Inexact("list item")
+
+
 _STREAM_UUIDS: dict[str, UUID] = {}
+_STREAM_TEXTS: dict[UUID, str] = {}
 _STREAM_UUID_CACHE_LIMIT = 100_000
 
 
@@ -331,6 +443,19 @@ def _stream_uuid(stream_id: str) -> UUID:
             _STREAM_UUIDS.clear()
         found = _STREAM_UUIDS[stream_id] = UUID(stream_id)
     return found
+
+
+def _stream_text(stream_id: UUID) -> str:
+    """``str(stream_id)``, remembered both ways: a stream's events come together, in replay as well."""
+    text = _STREAM_TEXTS.get(stream_id)
+    if text is None:
+        if len(_STREAM_TEXTS) >= _STREAM_UUID_CACHE_LIMIT:
+            _STREAM_TEXTS.clear()
+        text = _STREAM_TEXTS[stream_id] = str(stream_id)
+        if len(_STREAM_UUIDS) >= _STREAM_UUID_CACHE_LIMIT:
+            _STREAM_UUIDS.clear()
+        _STREAM_UUIDS[text] = stream_id
+    return text
 
 
 def event_decoder(application_name: str = "", env: dict[str, str] | None = None) -> EventDecoder:

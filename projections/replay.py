@@ -8,10 +8,11 @@ checks all go through here.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from eventstore.records import LOG_START, LogPosition
+from eventstore.records import LOG_START, LogPosition, RecordedEvent
 from eventstore.store import EventStore
 from projections.events import event_from_record
 from projections.projection import Projection
@@ -44,33 +45,40 @@ def replay(
 ) -> ReplayStats:
     """Apply the log from the target's ``log`` checkpoint to its end (or to ``until``, inclusive).
 
-    Events of stream types the projection does not consume only move the checkpoint. Dead letters
-    go to ``dead_letters`` (default: collected and raised as one error at the end, so a replay
-    never hides them).
+    Only events of the projection's stream types are read (the store filters them), so the
+    checkpoint is the last of those applied. Dead letters go to ``dead_letters`` (default:
+    collected and raised as one error at the end, so a replay never hides them).
     """
     collected: list[DeadLetter] = []
     sink = dead_letters or collected.extend
     stored = target.checkpoints().get(LOG_CHECKPOINT)
     stats = ReplayStats(position=LogPosition.parse(stored) if stored else LOG_START)
-    types = set(projection.stream_types)
-    while True:
-        events = store.read_all(after=stats.position, limit=batch_size)
-        if until is not None:
-            events = [e for e in events if e.log_position <= until]
-        if not events:
-            break
-        items: Sequence[SourceItem] = [
-            SourceItem(event_from_record(e), e) for e in events if e.stream_type in types
-        ]
-        last = events[-1].log_position
-        outcome = apply_batch(projection, target, items, {LOG_CHECKPOINT: str(last)}, sink)
-        stats.events_read += len(events)
-        stats.applied += outcome.applied
-        stats.duplicates += outcome.duplicates
-        stats.dead_letters += len(outcome.dead_letters)
-        stats.position = last
-        if on_batch is not None:
-            on_batch(stats)
+    types = sorted(set(projection.stream_types))
+
+    def read(after: LogPosition) -> list[RecordedEvent]:
+        return store.read_all(after=after, limit=batch_size, stream_types=types)
+
+    # Why a reader thread: the next batch's query runs in the server (and its rows arrive) while
+    # this batch is applied. Each batch still commits its own checkpoint, in order.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-read") as reader:
+        pending = reader.submit(read, stats.position)
+        while True:
+            events = pending.result()
+            if until is not None:
+                events = [e for e in events if e.log_position <= until]
+            if not events:
+                break
+            last = events[-1].log_position
+            pending = reader.submit(read, last)
+            items: Sequence[SourceItem] = [SourceItem(event_from_record(e), e) for e in events]
+            outcome = apply_batch(projection, target, items, {LOG_CHECKPOINT: str(last)}, sink)
+            stats.events_read += len(events)
+            stats.applied += outcome.applied
+            stats.duplicates += outcome.duplicates
+            stats.dead_letters += len(outcome.dead_letters)
+            stats.position = last
+            if on_batch is not None:
+                on_batch(stats)
     if collected:
         reasons = ", ".join(sorted({d.reason for d in collected}))
         raise ReplayDeadLetters(collected, f"{len(collected)} events could not be applied ({reasons})")

@@ -87,6 +87,25 @@ def test_multi_stream_append_is_atomic(store: EventStore) -> None:
     assert results[0].positions[0] < results[0].positions[1] < results[1].positions[0]
 
 
+def test_read_all_of_some_stream_types_keeps_their_commit_order(store: EventStore) -> None:
+    order, product, customer = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    for _ in range(3):
+        for stream_id, stream_type in ((order, "Order"), (product, "Product"), (customer, "Customer")):
+            store.append(stream_id, stream_type, new_events(2), store.stream_version(stream_id))
+    everything = read_all_settled(store, 18)
+    wanted = [e for e in everything if e.stream_type in ("Order", "Customer")]
+    assert len(wanted) == 12 and len(everything) == 18
+    assert store.read_all(limit=100, stream_types=["Order", "Customer"]) == wanted
+    assert store.read_all(limit=100, stream_types=["Product"]) == [
+        e for e in everything if e.stream_type == "Product"
+    ]
+    # Resuming after a position skips the other types' events in between, and nothing else.
+    first = store.read_all(limit=5, stream_types=["Order", "Customer"])
+    rest = store.read_all(after=first[-1].log_position, limit=100, stream_types=["Order", "Customer"])
+    assert first + rest == wanted
+    assert store.read_all(limit=100, stream_types=["Nothing"]) == []
+
+
 def test_resubmitting_the_same_events_is_a_no_op(store: EventStore) -> None:
     stream = uuid.uuid4()
     events = new_events(3)

@@ -303,7 +303,9 @@ class _PostgresBatch:
     def __init__(self, target: PostgresTarget, conn: Connection) -> None:
         self._target = target
         self._conn = conn
-        self._writes = SqlWrites(target._specs, self._load_row)
+        # The loader must not hold the batch: batch -> writes -> loader -> batch would be a cycle,
+        # and every batch's pending rows would wait for the garbage collector to be freed.
+        self._writes = SqlWrites(target._specs, partial(_load_row, target, conn))
         self._read: dict[str, int] = {}  # the versions applied_versions() saw
 
     @property
@@ -394,18 +396,20 @@ class _PostgresBatch:
             found[key if normalize is None else normalize(key)] = row
         self._writes.preload(table, found)
 
-    def _load_row(self, spec: TableSpec, key: Key) -> Row | None:
-        table = spec.table
 
-        def build() -> Executable:
-            return select(table).where(
-                and_(*(table.c[name] == bindparam(f"k{i}") for i, name in enumerate(spec.pk)))
-            )
+def _load_row(target: PostgresTarget, conn: Connection, spec: TableSpec, key: Key) -> Row | None:
+    """One stored row by primary key, for ``SqlWrites.get`` on a row the batch did not prefetch."""
+    table = spec.table
 
-        stmt = self._target._statement(("load", spec), build)
-        parts = (key,) if spec.pk0 is not None else key
-        values = self._conn.execute(stmt, {f"k{i}": part for i, part in enumerate(parts)}).first()
-        return None if values is None else dict(zip(spec.column_names, values, strict=True))
+    def build() -> Executable:
+        return select(table).where(
+            and_(*(table.c[name] == bindparam(f"k{i}") for i, name in enumerate(spec.pk)))
+        )
+
+    stmt = target._statement(("load", spec), build)
+    parts = (key,) if spec.pk0 is not None else key
+    values = conn.execute(stmt, {f"k{i}": part for i, part in enumerate(parts)}).first()
+    return None if values is None else dict(zip(spec.column_names, values, strict=True))
 
 
 def _retryable(exc: DBAPIError) -> bool:
