@@ -24,6 +24,7 @@ from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, Ka
 from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
 
+from consumers.assignment_watch import AssignmentWatch
 from consumers.dead_letters import DEAD_LETTER_PRODUCER_SETTINGS, KafkaDeadLetters, dead_letter_topic
 from eventstore.relay.topics import create_missing_topics, topic_for
 from projections.events import MalformedEvent, event_from_envelope
@@ -70,6 +71,9 @@ class ConsumerConfig:
     # collector's passes (see _freeze_startup_objects). False leaves the collector as it is.
     freeze_gc: bool = True
     observer: BatchObserver | None = None
+    # Seconds a consumer may hold no partition, in a group with fewer members than partitions,
+    # before it rejoins with a new client (see consumers.assignment_watch).
+    unassigned_limit_s: float = 30.0
 
     def group_for(self, projection: Projection[Any]) -> str:
         """One consumer group per projection version: ``datalayer.projection.order_views_v1``."""
@@ -93,6 +97,7 @@ class ConsumerStats:
     duplicates: int = 0
     dead_letters: int = 0
     retries: int = 0
+    rejoins: int = 0
     assigned: set[TopicPartition] = field(default_factory=set)
 
     def add(self, outcome: BatchOutcome) -> None:
@@ -124,6 +129,7 @@ class ProjectionConsumer:
         self.dead_letter_topic = dead_letter_topic(self.config.dead_letter_prefix, projection.name)
         self.stats = ConsumerStats()
         self.running = threading.Event()
+        self.kafka_consumer: KafkaConsumer | None = None
 
     def run(self, stop: threading.Event) -> None:
         """Consume, apply and checkpoint batches; return after the batch in hand when ``stop`` is set.
@@ -134,15 +140,12 @@ class ProjectionConsumer:
         self.target.setup()
         self._create_topics()
         producer = KafkaProducer(**DEAD_LETTER_PRODUCER_SETTINGS, **self.kafka_config)
-        consumer = KafkaConsumer(
-            **self.kafka_config,
-            group_id=self.config.group_for(self.projection),
-            **self.config.kafka_consumer_settings(),
-        )
         sink = KafkaDeadLetters(producer, self.dead_letter_topic, self.projection.name)
+        group = self.config.group_for(self.projection)
+        watch = AssignmentWatch(group, self.topics, self.kafka_config, self.config.unassigned_limit_s)
+        consumer: KafkaConsumer | None = None
         try:
-            self._await_topic_metadata(consumer, stop)
-            consumer.subscribe(self.topics, listener=_SeekToTargetCheckpoints(self, consumer))
+            consumer = self._join(group, stop)
             if self.config.freeze_gc:
                 _freeze_startup_objects()
             self.running.set()
@@ -150,6 +153,13 @@ class ProjectionConsumer:
             while not stop.is_set():
                 polled = consumer.poll(timeout_ms=self.config.poll_timeout_ms)
                 if not polled:
+                    if watch.stuck(consumer):
+                        consumer.close(autocommit=False)
+                        consumer = None
+                        self.stats.assigned.clear()
+                        self.stats.rejoins += 1
+                        consumer = self._join(group, stop)
+                        watch.reset()
                     continue
                 items, checkpoints, offsets = _read(polled)
                 started = time.perf_counter()
@@ -164,8 +174,21 @@ class ProjectionConsumer:
                 consumer.commit_async(offsets=offsets)
         finally:
             self.running.clear()
-            consumer.close(autocommit=False)
+            if consumer is not None:
+                consumer.close(autocommit=False)
             producer.close(timeout=10)
+
+    def _join(self, group: str, stop: threading.Event) -> KafkaConsumer:
+        """A new client in ``group``, subscribed, seeking to the target's checkpoints on assignment."""
+        consumer = KafkaConsumer(**self.kafka_config, group_id=group, **self.config.kafka_consumer_settings())
+        try:
+            self._await_topic_metadata(consumer, stop)
+            consumer.subscribe(self.topics, listener=_SeekToTargetCheckpoints(self, consumer))
+        except BaseException:
+            consumer.close(autocommit=False)
+            raise
+        self.kafka_consumer = consumer  # the client in use, for diagnostics and tests
+        return consumer
 
     def _apply(
         self,
