@@ -35,8 +35,9 @@ from kafka.admin import NewTopic
 from psycopg import sql
 
 from datalayer.settings import Settings, load_settings
-from eventstore import LOG_START, EventStore, NewEvent, RecordedEvent
-from eventstore.relay.relay import PRODUCER_SETTINGS, Relay, RelayConfig, kafka_record
+from eventstore import LOG_START, EventStore, NewEvent
+from eventstore.relay.reading import RecordHeaders, RelayReader, RelayRow
+from eventstore.relay.relay import PRODUCER_SETTINGS, Relay, RelayConfig, relay_record
 
 EVENTS = 200_000
 STREAMS = 20_000
@@ -58,7 +59,7 @@ class Accounts(Application[uuid.UUID]):
     pass
 
 
-def fill_store(store: EventStore) -> list[RecordedEvent]:
+def fill_store(store: EventStore) -> None:
     per_stream = EVENTS // STREAMS
     rows = [
         (
@@ -82,20 +83,28 @@ def fill_store(store: EventStore) -> list[RecordedEvent]:
         for v in range(1, per_stream + 1)
     ]
     store.import_events(rows)
-    events: list[RecordedEvent] = []
+
+
+def raw_records(store: EventStore) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
+    """Key, envelope and headers of the pre-written events, byte for byte what the relay sends.
+
+    They are the first ``EVENTS`` of the log (one import); the latency run's events follow them.
+    """
+    reader, headers = RelayReader(store), RecordHeaders()
+    records: list[tuple[bytes, bytes, list[tuple[str, bytes]]]] = []
     position = LOG_START
-    while batch := store.read_all(position, 10_000):
-        events.extend(batch)
+    while len(records) < EVENTS and (batch := reader.read(position, min(10_000, EVENTS - len(records)))):
+        records.extend(relay_record(row, headers) for row in batch)
         position = batch[-1].log_position
-    assert len(events) == EVENTS
-    return events
+    assert len(records) == EVENTS
+    return records
 
 
 def relay_round(store: EventStore, settings: Settings, prefix: str, name: str) -> float:
     done = threading.Event()
     published = [0]
 
-    def count(batch: Sequence[RecordedEvent]) -> None:
+    def count(batch: Sequence[RelayRow]) -> None:
         published[0] += len(batch)
         if published[0] >= EVENTS:
             done.set()
@@ -159,7 +168,7 @@ def latency(store: EventStore, settings: Settings, prefix: str) -> list[float]:
     """Milliseconds from save() returning (in the writer process) to the relay's acknowledgement."""
     acknowledged_at: dict[int, float] = {}
 
-    def acknowledged(batch: Sequence[RecordedEvent]) -> None:
+    def acknowledged(batch: Sequence[RelayRow]) -> None:
         now = time.time()
         for e in batch:
             acknowledged_at[e.position] = now
@@ -238,7 +247,7 @@ def main() -> None:
     prefixes: list[str] = []
     try:
         store.migrate()
-        events = fill_store(store)
+        fill_store(store)
         # Latency first: a store with 200,000 events of history, the relay caught up, and a steady
         # 1,000 events/s. After the throughput rounds the broker and the server are still digesting
         # 600,000 bulk records, and the tail would measure that instead (p99 around 100 ms).
@@ -246,8 +255,7 @@ def main() -> None:
         latency_prefix = f"bench.{run_id}.latency."
         prefixes.append(latency_prefix)
         latencies = latency(store, settings, latency_prefix)
-        values = [kafka_record(e) for e in events]
-        del events
+        values = raw_records(store)
         # The 200,000 prepared envelopes live for the whole run: keep them out of the garbage
         # collector's way, or its full passes over them would be charged to whatever runs then.
         gc.collect()
