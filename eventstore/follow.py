@@ -9,7 +9,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Generic, Protocol, TypeVar, overload
+from typing import Any, Generic, TypeVar, cast, overload
 
 import psycopg
 from psycopg import sql
@@ -17,15 +17,11 @@ from psycopg import sql
 from eventstore.records import LOG_START, LogPosition, RecordedEvent
 from eventstore.store import EventStore
 
-
-class Positioned(Protocol):
-    """Anything read from the log that knows its place in it."""
-
-    @property
-    def log_position(self) -> LogPosition: ...
+EntryT = TypeVar("EntryT")
 
 
-EntryT = TypeVar("EntryT", bound=Positioned)
+def _recorded_position(event: RecordedEvent) -> LogPosition:
+    return event.log_position
 
 
 class _Either(threading.Event):
@@ -43,7 +39,8 @@ class LogFollower(Generic[EntryT]):
     """Yields batches of new events in commit order, resuming after ``after``, until stopped.
 
     Batches are :class:`RecordedEvent` lists from :meth:`EventStore.read_all`, or whatever ``read``
-    returns: a reader of the same never-skipping query that selects what it needs (the relay does).
+    returns: a reader of the same never-skipping query that selects what it needs (the relay does),
+    with ``position_of`` telling each entry's place in the log.
     """
 
     @overload
@@ -56,6 +53,7 @@ class LogFollower(Generic[EntryT]):
         poll_interval: float = 0.5,
         report_idle: bool = False,
         read: None = None,
+        position_of: None = None,
     ) -> None: ...
 
     @overload
@@ -68,6 +66,7 @@ class LogFollower(Generic[EntryT]):
         poll_interval: float = 0.5,
         report_idle: bool = False,
         read: Callable[[LogPosition, int], Sequence[EntryT]],
+        position_of: Callable[[EntryT], LogPosition],
     ) -> None: ...
 
     def __init__(
@@ -79,9 +78,12 @@ class LogFollower(Generic[EntryT]):
         poll_interval: float = 0.5,
         report_idle: bool = False,
         read: Callable[[LogPosition, int], Sequence[Any]] | None = None,
+        position_of: Callable[[Any], LogPosition] | None = None,
     ) -> None:
         self.store = store
-        self._read = read or store.read_all
+        # The overloads pair the default reader with RecordedEvent entries, a given one with its own.
+        self._read = cast(Callable[[LogPosition, int], Sequence[EntryT]], read or store.read_all)
+        self._position_of = cast(Callable[[EntryT], LogPosition], position_of or _recorded_position)
         self.position = after
         self.batch_size = batch_size
         self.poll_interval = poll_interval
@@ -98,9 +100,9 @@ class LogFollower(Generic[EntryT]):
         try:
             self._try_listen()  # before the first read, so nothing committed after it goes unannounced
             while not stop.is_set():
-                batch: Sequence[EntryT] = self._read(self.position, self.batch_size)
+                batch = self._read(self.position, self.batch_size)
                 if batch:
-                    self.position = batch[-1].log_position
+                    self.position = self._position_of(batch[-1])
                     yield batch
                     if len(batch) == self.batch_size:
                         continue

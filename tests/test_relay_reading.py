@@ -7,7 +7,14 @@ import uuid
 
 from eventstore import LOG_START, EventMetadata, EventStore, NewEvent, StreamAppend
 from eventstore.relay import EventEnvelope
-from eventstore.relay.reading import RecordHeaders, RelayReader
+from eventstore.relay.reading import (
+    EVENT_TYPE,
+    POSITION,
+    STREAM_TYPE,
+    RecordHeaders,
+    RelayReader,
+    log_position,
+)
 from eventstore.relay.relay import kafka_record, relay_record
 
 PAYLOADS = [
@@ -45,8 +52,8 @@ def test_relay_rows_encode_like_recorded_events(store: EventStore) -> None:
 
     headers = RecordHeaders()
     for row, event in zip(rows, events, strict=True):
-        assert row.log_position == event.log_position
-        assert (row.stream_type, row.event_type) == (event.stream_type, event.event_type)
+        assert log_position(row) == event.log_position
+        assert (row[STREAM_TYPE], row[EVENT_TYPE]) == (event.stream_type, event.event_type)
         key, value, expected_headers = kafka_record(event)
         row_key, row_value, row_headers = relay_record(row, headers)
         assert row_key == key
@@ -70,11 +77,11 @@ def test_relay_rows_respect_the_read_horizon(store: EventStore) -> None:
         blocker.execute("SELECT pg_current_xact_id()")  # an open transaction with an id
         store.append(uuid.uuid4(), "Order", [NewEvent(uuid.uuid4(), "Placed", b"{}")], 0)
         held = reader.read(LOG_START, 100)
-        assert [r.log_position for r in held] == [e.log_position for e in store.read_all(LOG_START, 100)]
+        assert [log_position(r) for r in held] == [e.log_position for e in store.read_all(LOG_START, 100)]
         assert len(held) == 1
     assert len(reader.read(LOG_START, 100)) == 2
-    after_first = reader.read(held[0].log_position, 100)
-    assert [r.position for r in after_first] == [e.position for e in store.read_all(held[0].log_position)]
+    after_first = reader.read(log_position(held[0]), 100)
+    assert [r[POSITION] for r in after_first] == [e.position for e in store.read_all(log_position(held[0]))]
 
 
 def test_relay_read_follows_the_log_index_without_sorting(store: EventStore) -> None:

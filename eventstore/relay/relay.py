@@ -26,7 +26,15 @@ from eventstore.follow import LogFollower
 from eventstore.records import RecordedEvent
 from eventstore.relay.checkpoint import RelayLag, load_checkpoint, read_lag, save_checkpoint
 from eventstore.relay.envelope import encode_envelope
-from eventstore.relay.reading import RecordHeaders, RelayReader, RelayRow
+from eventstore.relay.reading import (
+    KEY,
+    STREAM_TYPE,
+    RecordHeaders,
+    RelayReader,
+    RelayRow,
+    envelope,
+    log_position,
+)
 from eventstore.relay.topics import create_missing_topics, topic_for
 from eventstore.store import EventStore
 
@@ -62,7 +70,7 @@ def kafka_record(event: RecordedEvent) -> tuple[bytes, bytes, list[tuple[str, by
 
 def relay_record(row: RelayRow, headers: RecordHeaders) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
     """What the relay sends for ``row``: key, envelope and headers, as :func:`kafka_record` would."""
-    return row.key, row.envelope(), headers(row)
+    return row[KEY], envelope(row), headers(row)
 
 
 @dataclass(frozen=True)
@@ -183,6 +191,7 @@ class Relay:
             poll_interval=self.config.poll_interval,
             report_idle=True,
             read=RelayReader(self.store).read,
+            position_of=log_position,
         )
         producer = KafkaProducer(**PRODUCER_SETTINGS, **self.kafka_config)
         admin = KafkaAdminClient(**self.kafka_config)
@@ -191,7 +200,7 @@ class Relay:
             for batch in follower.prefetched(stop):
                 lease.verify()
                 if batch:
-                    self._ensure_topics(admin, {e.stream_type for e in batch})
+                    self._ensure_topics(admin, {row[STREAM_TYPE] for row in batch})
                     in_flight.append(_SentBatch(batch, self._send_all(producer, batch)))
                 if len(batch) < self.config.batch_size:
                     # Caught up: have everything acknowledged now, for latency. With a backlog,
@@ -211,7 +220,7 @@ class Relay:
         # type of the batch has its topic name by now (_ensure_topics).
         send, topics, headers = producer.send, self._topics, self._headers
         return [
-            send(topics[row.stream_type], key=row.key, value=row.envelope(), headers=headers(row))
+            send(topics[row[STREAM_TYPE]], key=row[KEY], value=envelope(row), headers=headers(row))
             for row in batch
         ]
 
@@ -237,7 +246,7 @@ class Relay:
                 conn,
                 self.store.schema,
                 self.config.name,
-                settled[-1].events[-1].log_position,
+                log_position(settled[-1].events[-1]),
                 sum(len(b.events) for b in settled),
             )
         if self.on_published is not None:
