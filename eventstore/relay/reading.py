@@ -1,8 +1,8 @@
 """The relay's read of the log: each event with its Kafka key and envelope mostly built by PostgreSQL.
 
 The relay is bound by its one Python process (kafka-python's ``send`` alone is most of it). Reading
-full :class:`~eventstore.records.RecordedEvent` objects and encoding their envelopes in Python cost
-about as much again. Here PostgreSQL, another process and core, renders the key and every envelope
+full :class:`~eventstore.records.RecordedEvent` objects and encoding their envelopes in Python added
+about half as much again. Here PostgreSQL, another process and core, renders the key and every envelope
 field as JSON text; the relay only appends the payload, which it embeds as stored when it is a
 JSON object or array and as base64 otherwise (see :func:`eventstore.relay.envelope.encode_envelope`,
 whose output parses to the same :class:`~eventstore.relay.envelope.EventEnvelope`). The query is
