@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Generic, TypeVar, cast, overload
 
 import psycopg
 from psycopg import sql
 
 from eventstore.records import LOG_START, LogPosition, RecordedEvent
 from eventstore.store import EventStore
+
+EntryT = TypeVar("EntryT")
+
+
+def _recorded_position(event: RecordedEvent) -> LogPosition:
+    return event.log_position
 
 
 class _Either(threading.Event):
@@ -29,8 +35,39 @@ class _Either(threading.Event):
         return any(e.is_set() for e in self._events)
 
 
-class LogFollower:
-    """Yields batches of new events in commit order, resuming after ``after``, until stopped."""
+class LogFollower(Generic[EntryT]):
+    """Yields batches of new events in commit order, resuming after ``after``, until stopped.
+
+    Batches are :class:`RecordedEvent` lists from :meth:`EventStore.read_all`, or whatever ``read``
+    returns: a reader of the same never-skipping query that selects what it needs (the relay does),
+    with ``position_of`` telling each entry's place in the log.
+    """
+
+    @overload
+    def __init__(
+        self: LogFollower[RecordedEvent],
+        store: EventStore,
+        after: LogPosition = LOG_START,
+        *,
+        batch_size: int = 1000,
+        poll_interval: float = 0.5,
+        report_idle: bool = False,
+        read: None = None,
+        position_of: None = None,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        store: EventStore,
+        after: LogPosition = LOG_START,
+        *,
+        batch_size: int = 1000,
+        poll_interval: float = 0.5,
+        report_idle: bool = False,
+        read: Callable[[LogPosition, int], Sequence[EntryT]],
+        position_of: Callable[[EntryT], LogPosition],
+    ) -> None: ...
 
     def __init__(
         self,
@@ -40,15 +77,20 @@ class LogFollower:
         batch_size: int = 1000,
         poll_interval: float = 0.5,
         report_idle: bool = False,
+        read: Callable[[LogPosition, int], Sequence[Any]] | None = None,
+        position_of: Callable[[Any], LogPosition] | None = None,
     ) -> None:
         self.store = store
+        # The overloads pair the default reader with RecordedEvent entries, a given one with its own.
+        self._read = cast(Callable[[LogPosition, int], Sequence[EntryT]], read or store.read_all)
+        self._position_of = cast(Callable[[EntryT], LogPosition], position_of or _recorded_position)
         self.position = after
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.report_idle = report_idle
         self._listener: psycopg.Connection[Any] | None = None
 
-    def batches(self, stop: threading.Event | None = None) -> Iterator[list[RecordedEvent]]:
+    def batches(self, stop: threading.Event | None = None) -> Iterator[Sequence[EntryT]]:
         """Each batch as it becomes readable; :attr:`position` moves past it when yielded.
 
         With ``report_idle`` an empty batch is yielded each time the follower has caught up and is
@@ -58,9 +100,9 @@ class LogFollower:
         try:
             self._try_listen()  # before the first read, so nothing committed after it goes unannounced
             while not stop.is_set():
-                batch = self.store.read_all(self.position, self.batch_size)
+                batch = self._read(self.position, self.batch_size)
                 if batch:
-                    self.position = batch[-1].log_position
+                    self.position = self._position_of(batch[-1])
                     yield batch
                     if len(batch) == self.batch_size:
                         continue
@@ -70,14 +112,14 @@ class LogFollower:
         finally:
             self.close()
 
-    def prefetched(self, stop: threading.Event, depth: int = 2) -> Iterator[list[RecordedEvent]]:
+    def prefetched(self, stop: threading.Event, depth: int = 2) -> Iterator[Sequence[EntryT]]:
         """:meth:`batches`, read ahead by a thread: the next batch is fetched while this one is used.
 
         The database's time to answer then overlaps the caller's work. An error in the reading
         thread is raised here; leaving the loop stops the thread.
         """
         done = threading.Event()
-        ready: queue.Queue[list[RecordedEvent] | BaseException | None] = queue.Queue(maxsize=depth)
+        ready: queue.Queue[Sequence[EntryT] | BaseException | None] = queue.Queue(maxsize=depth)
 
         def read() -> None:
             try:

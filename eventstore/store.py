@@ -96,7 +96,7 @@ class EventStore:
             .format(self._insert_columns, _ON_CONFLICT)
             .as_bytes()
         )
-        self._wakeup = ReaderWakeup(pool, self.channel)
+        self._wakeup = ReaderWakeup(self.dedicated_connection, self.channel)
         self._versions = (
             sql.SQL(
                 "SELECT stream_id, max(stream_version) FROM {}.events"

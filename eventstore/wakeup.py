@@ -4,29 +4,42 @@ Sending NOTIFY inside each append would make every appending transaction queue f
 notification lock at commit; sending one after each commit costs every append a round trip. A
 background thread instead sends one NOTIFY for all appends committed since the last one. Followers
 poll as well, so a notification lost to a crash costs them at most their poll interval.
+
+The thread has a connection of its own: borrowing one from the writers' pool made a writer wait for
+it now and then. A NOTIFY's transaction gets a transaction id and so a commit record; its session
+does not wait for that record's disk flush (``synchronous_commit = off``), because a notification
+lost to a server crash only costs followers a poll interval, while waiting would add a flush per
+NOTIFY to the disk the writers' commits wait on.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg_pool import ConnectionPool
 
 
 class ReaderWakeup:
-    """Sends ``NOTIFY channel`` soon after :meth:`announce`, once for any number of announcements."""
+    """Sends ``NOTIFY channel`` soon after :meth:`announce`, once for any number of announcements.
 
-    def __init__(self, pool: ConnectionPool[Any], channel: str, min_interval: float = 0.002) -> None:
-        self._pool = pool
-        self._notify = sql.SQL("NOTIFY {}").format(sql.Identifier(channel))
+    ``connect`` opens an autocommit connection; the thread opens one when it first needs it and
+    again after an error.
+    """
+
+    def __init__(
+        self, connect: Callable[[], psycopg.Connection[Any]], channel: str, min_interval: float = 0.002
+    ) -> None:
+        self._connect = connect
+        self._notify = sql.SQL("NOTIFY {}").format(sql.Identifier(channel)).as_bytes()
         self._min_interval = min_interval
         self._pending = threading.Event()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._conn: psycopg.Connection[Any] | None = None
 
     def announce(self) -> None:
         """Note that events were committed; the thread notifies followers shortly."""
@@ -38,25 +51,36 @@ class ReaderWakeup:
                     self._thread.start()
 
     def _run(self) -> None:
-        while not self._closed.is_set():
-            if not self._pending.wait(timeout=0.5):
-                continue
-            self._pending.clear()
-            try:
-                with self._pool.connection() as conn:
-                    conn.execute(self._notify)
-            except (psycopg.Error, RuntimeError):
-                pass  # the server or pool is going away; followers' polling covers this one
-            self._closed.wait(self._min_interval)  # coalesce a burst of commits into one NOTIFY
+        try:
+            while not self._closed.is_set():
+                if not self._pending.wait(timeout=0.5):
+                    continue
+                self._pending.clear()
+                self._send()
+                self._closed.wait(self._min_interval)  # coalesce a burst of commits into one NOTIFY
+        finally:
+            self._disconnect()
+
+    def _send(self) -> None:
+        try:
+            if self._conn is None or self._conn.closed:
+                conn = self._connect()
+                conn.execute("SET synchronous_commit = off")
+                self._conn = conn
+            self._conn.execute(self._notify)
+        except psycopg.Error:
+            self._disconnect()  # the server is going away; followers' polling covers this one
+
+    def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
     def close(self) -> None:
         """Send what is pending and stop the thread."""
         self._closed.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-            if self._pending.is_set():
-                try:
-                    with self._pool.connection(timeout=1) as conn:
-                        conn.execute(self._notify)
-                except (psycopg.Error, RuntimeError):
-                    pass
+            if self._pending.is_set() and not self._thread.is_alive():
+                self._send()
+                self._disconnect()

@@ -41,9 +41,11 @@ def save_checkpoint(
 
     Committed without waiting for the WAL flush: a checkpoint lost to a server crash only makes the
     relay publish a little again (at least once), and the relay does not stall on every disk flush.
+    The transaction's statements go in one pipeline: one round trip instead of four, which a
+    caught-up relay pays on every batch.
     """
     table = sql.Identifier(schema, "relay_checkpoints")
-    with conn.transaction():
+    with conn.pipeline(), conn.transaction():
         conn.execute("SET LOCAL synchronous_commit = off")
         _advance(conn, table, relay, position, published)
 

@@ -64,7 +64,7 @@ def encode_envelope(event: RecordedEvent) -> bytes:
         "metadata": event.metadata.to_dict(),
     }
     raw = event.payload
-    if _is_json_container(raw):
+    if is_json_container(raw):
         head["payload_encoding"] = "json"
         return _dumps(head)[:-1] + b',"payload":' + raw + b"}"
     head["payload_encoding"] = "base64"
@@ -72,9 +72,12 @@ def encode_envelope(event: RecordedEvent) -> bytes:
     return _dumps(head)
 
 
-def _is_json_container(raw: bytes) -> bool:
-    # Only a JSON object or array is carried as JSON; anything else (ciphertext, compressed bytes,
-    # a bare JSON scalar) goes as base64 so that consumers get the stored bytes back exactly.
+def is_json_container(raw: bytes) -> bool:
+    """True when ``raw`` is a JSON object or array, the payloads an envelope embeds as JSON.
+
+    Anything else (ciphertext, compressed bytes, a bare JSON scalar) goes as base64, so that
+    consumers get the stored bytes back exactly.
+    """
     if raw[:1] not in (b"{", b"["):
         return False
     try:

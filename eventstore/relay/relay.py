@@ -26,6 +26,15 @@ from eventstore.follow import LogFollower
 from eventstore.records import RecordedEvent
 from eventstore.relay.checkpoint import RelayLag, load_checkpoint, read_lag, save_checkpoint
 from eventstore.relay.envelope import encode_envelope
+from eventstore.relay.reading import (
+    KEY,
+    STREAM_TYPE,
+    RecordHeaders,
+    RelayReader,
+    RelayRow,
+    envelope,
+    log_position,
+)
 from eventstore.relay.topics import create_missing_topics, topic_for
 from eventstore.store import EventStore
 
@@ -46,7 +55,10 @@ PRODUCER_SETTINGS: dict[str, Any] = {
 
 
 def kafka_record(event: RecordedEvent) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
-    """The record's key (the stream id), value (the envelope) and headers for one event."""
+    """The record's key (the stream id), value (the envelope) and headers for one event.
+
+    The relay itself builds the same from a :class:`RelayRow` (see :func:`relay_record`).
+    """
     headers = [
         ("event_type", event.event_type.encode()),
         ("schema_version", b"%d" % event.schema_version),
@@ -54,6 +66,11 @@ def kafka_record(event: RecordedEvent) -> tuple[bytes, bytes, list[tuple[str, by
         ("log_position", b"%d/%d" % (event.transaction_id, event.position)),
     ]
     return str(event.stream_id).encode(), encode_envelope(event), headers
+
+
+def relay_record(row: RelayRow, headers: RecordHeaders) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+    """What the relay sends for ``row``: key, envelope and headers, as :func:`kafka_record` would."""
+    return row[KEY], envelope(row), headers(row)
 
 
 @dataclass(frozen=True)
@@ -88,7 +105,7 @@ class Relay:
         store: EventStore,
         kafka_config: dict[str, Any],
         config: RelayConfig | None = None,
-        on_published: Callable[[Sequence[RecordedEvent]], None] | None = None,
+        on_published: Callable[[Sequence[RelayRow]], None] | None = None,
     ) -> None:
         self.store = store
         self.kafka_config = kafka_config
@@ -97,6 +114,7 @@ class Relay:
         self.is_active = threading.Event()
         self._known_topics: set[str] = set()
         self._topics: dict[str, str] = {}  # stream type -> topic name, computed once
+        self._headers = RecordHeaders()
         self._lock_key = f"datalayer.relay.{store.schema}.{self.config.name}"
 
     def run(self, stop: threading.Event) -> None:
@@ -172,6 +190,8 @@ class Relay:
             batch_size=self.config.batch_size,
             poll_interval=self.config.poll_interval,
             report_idle=True,
+            read=RelayReader(self.store).read,
+            position_of=log_position,
         )
         producer = KafkaProducer(**PRODUCER_SETTINGS, **self.kafka_config)
         admin = KafkaAdminClient(**self.kafka_config)
@@ -180,8 +200,8 @@ class Relay:
             for batch in follower.prefetched(stop):
                 lease.verify()
                 if batch:
-                    self._ensure_topics(admin, {e.stream_type for e in batch})
-                    in_flight.append(_SentBatch(batch, [self._send(producer, e) for e in batch]))
+                    self._ensure_topics(admin, {row[STREAM_TYPE] for row in batch})
+                    in_flight.append(_SentBatch(batch, self._send_all(producer, batch)))
                 if len(batch) < self.config.batch_size:
                     # Caught up: have everything acknowledged now, for latency. With a backlog,
                     # keep sending while earlier batches are being acknowledged, for throughput.
@@ -195,9 +215,14 @@ class Relay:
             producer.close(timeout=10)
             admin.close()
 
-    def _send(self, producer: KafkaProducer, event: RecordedEvent) -> Any:
-        key, value, headers = kafka_record(event)
-        return producer.send(self._topic(event.stream_type), key=key, value=value, headers=headers)
+    def _send_all(self, producer: KafkaProducer, batch: Sequence[RelayRow]) -> list[Any]:
+        # The hot loop: one producer.send per event and as little else as possible. Every stream
+        # type of the batch has its topic name by now (_ensure_topics).
+        send, topics, headers = producer.send, self._topics, self._headers
+        return [
+            send(topics[row[STREAM_TYPE]], key=row[KEY], value=envelope(row), headers=headers(row))
+            for row in batch
+        ]
 
     def _topic(self, stream_type: str) -> str:
         topic = self._topics.get(stream_type)
@@ -221,7 +246,7 @@ class Relay:
                 conn,
                 self.store.schema,
                 self.config.name,
-                settled[-1].events[-1].log_position,
+                log_position(settled[-1].events[-1]),
                 sum(len(b.events) for b in settled),
             )
         if self.on_published is not None:
@@ -241,7 +266,7 @@ class Relay:
 class _SentBatch:
     """A batch handed to the producer, and the futures that tell when Kafka acknowledged it."""
 
-    def __init__(self, events: Sequence[RecordedEvent], futures: list[Any]) -> None:
+    def __init__(self, events: Sequence[RelayRow], futures: list[Any]) -> None:
         self.events = events
         self.futures = futures
         self._checked = 0
