@@ -108,7 +108,11 @@ def _redis(settings: Settings) -> Check:
 def _kafka(settings: Settings) -> Check:
     from kafka import KafkaAdminClient
 
+    from datalayer.clients import check_kafka_tls
+
     def probe() -> None:
+        # Over SSL, an untrusted broker is named as such at once (kafka-python only times out).
+        check_kafka_tls(settings)
         admin = KafkaAdminClient(**settings.kafka_config(), **KAFKA_TIMEOUTS)
         try:
             admin.describe_cluster()

@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -26,7 +25,7 @@ from prometheus_client.registry import Collector
 from consumers.runtime import ProjectionConsumer
 from datalayer.settings import Settings
 from datalayer.status import StatusReport, gather_status
-from eventstore.records import RecordedEvent
+from eventstore.relay.reading import RECORDED_AT, RelayRow
 from projections.projection import Projection
 from projections.runner import BatchOutcome
 
@@ -105,19 +104,19 @@ class PipelineMetrics:
 
     # -- per-batch hooks ------------------------------------------------------------------------
 
-    def relay_observer(self, relay: str) -> Callable[[Sequence[RecordedEvent]], None]:
+    def relay_observer(self, relay: str) -> Callable[[Sequence[RelayRow]], None]:
         """The relay's ``on_published`` callback: called once per acknowledged, checkpointed batch."""
         events = self.relay_events.labels(relay)
         batches = self.relay_batches.labels(relay)
         latency = self.relay_latency.labels(relay)
 
-        def published(batch: Sequence[RecordedEvent]) -> None:
+        def published(batch: Sequence[RelayRow]) -> None:
             if not batch:
                 return
             events.inc(len(batch))
             batches.inc()
-            oldest = min(batch[0].recorded_at, batch[-1].recorded_at)
-            latency.observe(max((datetime.now(UTC) - oldest).total_seconds(), 0.0))
+            oldest = min(batch[0][RECORDED_AT], batch[-1][RECORDED_AT])
+            latency.observe(max(time.time() - oldest, 0.0))
 
         return published
 

@@ -41,10 +41,10 @@ _BASE64_TAIL = b'"base64","payload":"'
 
 Headers = list[tuple[str, bytes]]
 
-RelayRow = tuple[int, int, str, str, int, bytes, bytes, bytes]
+RelayRow = tuple[int, int, str, str, int, bytes, bytes, bytes, float]
 """One event as the relay reads it: position, transaction id, stream type, event type, schema
 version, Kafka key (the stream id as text), the envelope up to the value of ``payload_encoding``,
-and the payload as stored.
+the payload as stored, and recorded_at in seconds since the epoch (for latency metrics).
 
 A plain tuple, not a named one, on purpose: a tuple of only numbers, strings and bytes is one the
 garbage collector stops tracking, while tens of thousands of rows in flight that it did track made
@@ -60,6 +60,7 @@ SCHEMA_VERSION: Final = 4
 KEY: Final = 5
 ENVELOPE_HEAD: Final = 6
 PAYLOAD: Final = 7
+RECORDED_AT: Final = 8
 
 
 def log_position(row: RelayRow) -> LogPosition:
@@ -89,7 +90,7 @@ class RelayReader:
             )
             + _ENVELOPE_HEAD
             + sql.SQL(
-                ", payload FROM {}.events"
+                ", payload, extract(epoch FROM recorded_at)::float8 FROM {}.events"
                 " WHERE (transaction_id, position) > (%s::text::xid8, %s)"
                 "   AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
                 " ORDER BY transaction_id, position LIMIT %s"
