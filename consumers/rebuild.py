@@ -24,6 +24,7 @@ from typing import Any
 
 import psycopg.sql
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
 
 from consumers.dead_letters import DEAD_LETTER_PRODUCER_SETTINGS, KafkaDeadLetters, dead_letter_topic
 from consumers.live import TargetFactory, group_for
@@ -272,7 +273,13 @@ class Rebuild:
         admin = KafkaAdminClient(**self.kafka_config)
         try:
             while not stop.is_set() and time.monotonic() < deadline:
-                group = admin.describe_groups([group_for(generation.name)])[group_for(generation.name)]
+                try:
+                    group = admin.describe_groups([group_for(generation.name)])[group_for(generation.name)]
+                except KafkaError as exc:
+                    # A fresh broker has no group coordinator until its offsets topic exists.
+                    if not exc.retriable:
+                        raise
+                    group = {"members": ()}
                 if len(group["members"]) >= 2:
                     return True
                 stop.wait(0.5)

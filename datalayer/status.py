@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 import psycopg
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
 from psycopg import sql
 
 from consumers.dead_letters import dead_letter_topic
@@ -373,8 +374,16 @@ def _generation_status(
         status.lag_seconds = max((datetime.now(UTC) - oldest).total_seconds(), 0.0) if oldest else None
     else:
         status.lag_seconds = 0.0
-    group = kafka.admin.describe_groups([status.group]).get(status.group) or {}
-    if not group.get("error"):
+    try:
+        group = kafka.admin.describe_groups([status.group]).get(status.group) or {}
+    except KafkaError as exc:
+        # A fresh broker has no group coordinator until its offsets topic exists: not known yet.
+        if not exc.retriable:
+            raise
+        group = None
+    if group is None:
+        status.group_state = "unknown"
+    elif not group.get("error"):
         status.group_state = group.get("group_state") or None
         members = group.get("members") or ()
         status.group_members = len(members)
@@ -385,7 +394,12 @@ def _generation_status(
         )
     else:
         status.group_state, status.group_members = "none", 0
-    committed = kafka.admin.list_group_offsets({status.group: None}).get(status.group) or {}
+    try:
+        committed = kafka.admin.list_group_offsets({status.group: None}).get(status.group) or {}
+    except KafkaError as exc:
+        if not exc.retriable:
+            raise
+        committed = {}
     if committed:
         status.group_lag = sum(
             max(end - (committed[tp].offset if tp in committed else 0), 0) for tp, end in ends.items()
