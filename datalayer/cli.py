@@ -20,7 +20,7 @@ from datalayer.read_model_commands import add_commands as add_read_model_command
 from datalayer.security_commands import add_commands as add_security_commands
 from datalayer.settings import Settings, SettingsError, load_settings
 from datalayer.status_commands import add_commands as add_status_commands
-from datalayer.status_commands import add_metrics_arguments
+from datalayer.status_commands import add_metrics_arguments, positive_int
 from datalayer.wiring import UnknownProjection, event_store
 
 if TYPE_CHECKING:
@@ -270,16 +270,6 @@ def _cmd_migrate_events(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 1")
-    return number
-
-
 def _add_transfer_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     export = commands.add_parser(
         "export",
@@ -339,7 +329,7 @@ def _add_transfer_commands(commands: argparse._SubParsersAction[argparse.Argumen
             "--schema", type=_schema_arg, help=f"{whose} schema (default: DATALAYER_EVENTSTORE_SCHEMA)"
         )
         cmd.add_argument(
-            "--batch-size", type=_positive_int, default=5000, metavar="N", help="events per batch (5000)"
+            "--batch-size", type=positive_int, default=5000, metavar="N", help="events per batch (5000)"
         )
         cmd.add_argument("--progress", action="store_true", help="show progress on stderr (on for a TTY)")
 

@@ -185,7 +185,8 @@ def _non_negative(value: str) -> float:
     return number
 
 
-def _positive(value: str) -> int:
+def positive_int(value: str) -> int:
+    """An argparse type: a whole number >= 1, or a one-line error naming the value."""
     try:
         number = int(value)
     except ValueError:
@@ -275,8 +276,8 @@ def add_commands(commands: Any) -> None:
         "         datalayer demo --orders 40 --namespace demo_ci   # isolated, cleaned up afterwards",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    demo.add_argument("--orders", type=_positive, default=300, help="orders to place (default 300)")
-    demo.add_argument("--writers", type=_positive, default=4, help="concurrent writer threads (default 4)")
+    demo.add_argument("--orders", type=positive_int, default=300, help="orders to place (default 300)")
+    demo.add_argument("--writers", type=positive_int, default=4, help="concurrent writer threads (default 4)")
     demo.add_argument(
         "--namespace",
         type=_namespace,
