@@ -50,6 +50,14 @@ ImportRow = tuple[UUID, str, int, NewEvent] | tuple[UUID, str, int, NewEvent, da
 
 _IMPORT_TYPES = ["uuid", "text", "int8", "uuid", "text", "int4", "bytea", "jsonb", "timestamptz"]
 
+# The never-skip read of the log (see read_all), shared by every reader of it: events after a log
+# position (transaction id text, position) and below the read horizon, in commit order, up to a limit.
+LOG_AFTER = (
+    "(transaction_id, position) > (%s::text::xid8, %s)"
+    " AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
+)
+LOG_ORDER = " ORDER BY transaction_id, position LIMIT %s"
+
 # The cast column gets its own name: as "transaction_id" it would be what ORDER BY transaction_id
 # sorts by, an expression no index has, and every read of the log would sort the rest of the table.
 _COLUMNS = (
@@ -106,23 +114,19 @@ class EventStore:
             .as_bytes()
         )
         self._read_all = (
-            sql.SQL(
-                "SELECT " + _COLUMNS + " FROM {}.events"
-                " WHERE (transaction_id, position) > (%s::text::xid8, %s)"
-                "   AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
-                " ORDER BY transaction_id, position LIMIT %s"
-            )
+            sql.SQL("SELECT " + _COLUMNS + " FROM {}.events WHERE " + LOG_AFTER + LOG_ORDER)
             .format(s)
             .as_bytes()
         )
         # The same, for some stream types only: a reader of a few types need not fetch the others.
         self._read_all_of_types = (
             sql.SQL(
-                "SELECT " + _COLUMNS + " FROM {}.events"
-                " WHERE (transaction_id, position) > (%s::text::xid8, %s)"
-                "   AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
-                "   AND stream_type = ANY(%s)"
-                " ORDER BY transaction_id, position LIMIT %s"
+                "SELECT "
+                + _COLUMNS
+                + " FROM {}.events WHERE "
+                + LOG_AFTER
+                + " AND stream_type = ANY(%s)"
+                + LOG_ORDER
             )
             .format(s)
             .as_bytes()

@@ -18,7 +18,7 @@ from psycopg import sql
 
 from eventstore.records import LogPosition
 from eventstore.relay.envelope import is_json_container
-from eventstore.store import EventStore
+from eventstore.store import LOG_AFTER, LOG_ORDER, EventStore
 
 # Everything before the payload: the envelope's fields in the documented order, closed by the
 # "payload_encoding" key. to_json quotes and escapes text; recorded_at is ISO 8601 with its offset.
@@ -90,10 +90,9 @@ class RelayReader:
             )
             + _ENVELOPE_HEAD
             + sql.SQL(
-                ", payload, extract(epoch FROM recorded_at)::float8 FROM {}.events"
-                " WHERE (transaction_id, position) > (%s::text::xid8, %s)"
-                "   AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
-                " ORDER BY transaction_id, position LIMIT %s"
+                ", payload, extract(epoch FROM recorded_at)::float8 FROM {}.events WHERE "
+                + LOG_AFTER
+                + LOG_ORDER
             ).format(sql.Identifier(store.schema))
         ).as_bytes()
 
