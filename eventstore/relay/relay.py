@@ -26,6 +26,7 @@ from eventstore.follow import LogFollower
 from eventstore.records import RecordedEvent
 from eventstore.relay.checkpoint import RelayLag, load_checkpoint, read_lag, save_checkpoint
 from eventstore.relay.envelope import encode_envelope
+from eventstore.relay.partitioning import KeyHashes
 from eventstore.relay.reading import (
     KEY,
     STREAM_TYPE,
@@ -115,6 +116,7 @@ class Relay:
         self._known_topics: set[str] = set()
         self._topics: dict[str, str] = {}  # stream type -> topic name, computed once
         self._headers = RecordHeaders()
+        self._key_hashes = KeyHashes()
         self._lock_key = f"datalayer.relay.{store.schema}.{self.config.name}"
 
     def run(self, stop: threading.Event) -> None:
@@ -200,8 +202,9 @@ class Relay:
             for batch in follower.prefetched(stop):
                 lease.verify()
                 if batch:
-                    self._ensure_topics(admin, {row[STREAM_TYPE] for row in batch})
-                    in_flight.append(_SentBatch(batch, self._send_all(producer, batch)))
+                    stream_types = {row[STREAM_TYPE] for row in batch}
+                    self._ensure_topics(admin, stream_types)
+                    in_flight.append(_SentBatch(batch, self._send_all(producer, batch, stream_types)))
                 if len(batch) < self.config.batch_size:
                     # Caught up: have everything acknowledged now, for latency. With a backlog,
                     # keep sending while earlier batches are being acknowledged, for throughput.
@@ -215,14 +218,36 @@ class Relay:
             producer.close(timeout=10)
             admin.close()
 
-    def _send_all(self, producer: KafkaProducer, batch: Sequence[RelayRow]) -> list[Any]:
+    def _send_all(
+        self, producer: KafkaProducer, batch: Sequence[RelayRow], stream_types: set[str]
+    ) -> list[Any]:
         # The hot loop: one producer.send per event and as little else as possible. Every stream
-        # type of the batch has its topic name by now (_ensure_topics).
-        send, topics, headers = producer.send, self._topics, self._headers
-        return [
-            send(topics[row[STREAM_TYPE]], key=row[KEY], value=envelope(row), headers=headers(row))
-            for row in batch
-        ]
+        # type of the batch has its topic by now (_ensure_topics). The partition is the default
+        # partitioner's, computed here for a fraction of its cost (see partitioning.py); the
+        # topic's partitions are read from the producer's metadata once per batch.
+        routes: dict[str, tuple[str, list[int]]] = {}
+        for stream_type in stream_types:
+            topic = self._topics[stream_type]
+            routes[stream_type] = (topic, sorted(producer.partitions_for(topic)))
+        send, headers = producer.send, self._headers
+        known, key_hash = self._key_hashes.known, self._key_hashes
+        futures: list[Any] = []
+        append = futures.append
+        for row in batch:
+            topic, partitions = routes[row[STREAM_TYPE]]
+            key = row[KEY]
+            # A remembered hash of 0 reads as missing and is computed again: the same value.
+            hashed = known(key) or key_hash(key)
+            append(
+                send(
+                    topic,
+                    key=key,
+                    value=envelope(row),
+                    headers=headers(row),
+                    partition=partitions[hashed % len(partitions)],
+                )
+            )
+        return futures
 
     def _topic(self, stream_type: str) -> str:
         topic = self._topics.get(stream_type)
