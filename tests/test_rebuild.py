@@ -144,7 +144,8 @@ def test_rebuild_under_load_hands_over_and_equals_a_fresh_replay(pl: Pipeline, m
     if isinstance(models.registry, PostgresGenerations):
         via_alias = OrderQueries(pl.engine, schema=models.projection.name).list_orders(limit=500).items
         direct = OrderQueries(pl.engine, schema=report.generation).list_orders(limit=500).items
-        assert via_alias == direct and len(direct) > 100
+        # More than the 20 seeded orders: the writer's orders are there too (how many depends on load).
+        assert via_alias == direct and len(direct) > 20
     else:
         queries = OrderCacheQueries(pl.redis, projection=models.projection.name)
         assert queries.prefix == RedisGenerations.prefix(report.generation)
