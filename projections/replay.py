@@ -12,9 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from eventstore.records import LOG_START, LogPosition, RecordedEvent
+from eventstore.records import LOG_START, LogPosition
 from eventstore.store import EventStore
-from projections.events import event_from_record
+from projections.events import ProjectedEvent
+from projections.log_reader import LogReader, recorded_event
 from projections.projection import Projection
 from projections.runner import DeadLetter, DeadLetterSink, SourceItem, apply_batch
 from projections.target import ProjectionTarget
@@ -50,13 +51,18 @@ def replay(
     collected and raised as one error at the end, so a replay never hides them).
     """
     collected: list[DeadLetter] = []
-    sink = dead_letters or collected.extend
+    given = dead_letters or collected.extend
+
+    def sink(letters: Sequence[DeadLetter]) -> None:
+        # The items carry the events themselves as their originals; a dead letter gets the record.
+        given([_with_record(letter) for letter in letters])
+
     stored = target.checkpoints().get(LOG_CHECKPOINT)
     stats = ReplayStats(position=LogPosition.parse(stored) if stored else LOG_START)
-    types = sorted(set(projection.stream_types))
+    reader_of_log = LogReader(store, projection.stream_types)
 
-    def read(after: LogPosition) -> list[RecordedEvent]:
-        return store.read_all(after=after, limit=batch_size, stream_types=types)
+    def read(after: LogPosition) -> list[ProjectedEvent]:
+        return reader_of_log.read(after, batch_size)
 
     # Why a reader thread: the next batch's query runs in the server (and its rows arrive) while
     # this batch is applied. Each batch still commits its own checkpoint, in order.
@@ -65,12 +71,12 @@ def replay(
         while True:
             events = pending.result()
             if until is not None:
-                events = [e for e in events if e.log_position <= until]
+                events = [e for e in events if (e.transaction_id, e.position) <= until]
             if not events:
                 break
-            last = events[-1].log_position
+            last = LogPosition(events[-1].transaction_id, events[-1].position)
             pending = reader.submit(read, last)
-            items: Sequence[SourceItem] = [SourceItem(event_from_record(e), e) for e in events]
+            items: Sequence[SourceItem] = [SourceItem(e, e) for e in events]
             outcome = apply_batch(projection, target, items, {LOG_CHECKPOINT: str(last)}, sink)
             stats.events_read += len(events)
             stats.applied += outcome.applied
@@ -83,6 +89,13 @@ def replay(
         reasons = ", ".join(sorted({d.reason for d in collected}))
         raise ReplayDeadLetters(collected, f"{len(collected)} events could not be applied ({reasons})")
     return stats
+
+
+def _with_record(letter: DeadLetter) -> DeadLetter:
+    original = letter.original
+    if isinstance(original, ProjectedEvent):
+        return DeadLetter(letter.reason, letter.error, letter.event, recorded_event(original))
+    return letter
 
 
 class ReplayDeadLetters(Exception):
