@@ -10,8 +10,13 @@ Then, each in a process of its own so that peak memory is its own:
     generation of ``order_views`` (events/s of the projection's stream types, Order);
 (c) **Redis**: the same for ``order_cache`` (Order and Product events).
 
-Rounds alternate; figures are medians; peak RSS is the highest of the rebuild processes. The last
-line is one JSON object with the figures.
+A rebuild replays in ``--workers`` processes (``RebuildOptions.workers``, default 2 here; 1 is the
+single-process replay): each replays the streams of one partition of the log. Its rate is the
+events of the projection's stream types over the replay phase, all processes together.
+
+Rounds alternate; figures are medians. Peak RSS is the highest of the rebuild runs, each counted as
+its own process's peak plus ``workers`` times the peak of its largest worker: an upper bound, as
+forked workers share pages with their parent. The last line is one JSON object with the figures.
 """
 
 from __future__ import annotations
@@ -124,7 +129,7 @@ def child_read(schema: str) -> dict[str, float]:
     return {"rate": rows / seconds, "events": rows, "rss_mb": _rss_mb()}
 
 
-def child_rebuild(schema: str, which: str, prefix: str) -> dict[str, float]:
+def child_rebuild(schema: str, which: str, prefix: str, workers: int = 1) -> dict[str, float]:
     from consumers.rebuild import Rebuild, RebuildOptions, RebuildProgress
     from datalayer.wiring import consumer_config, read_model_store
     from projections.orders import OrderCache, OrderViews
@@ -141,10 +146,10 @@ def child_rebuild(schema: str, which: str, prefix: str) -> dict[str, float]:
             marks.append((time.perf_counter(), progress.events_read))
 
     config = consumer_config(settings, topic_prefix=f"{prefix}.events.", dead_letter_prefix=f"{prefix}.dlq.")
+    options = RebuildOptions(batch_size=BATCH, handover_timeout=0.0, workers=workers)
     rebuild = Rebuild(
         projection, models.registry, models.make_target, models.drop_target, store,
-        settings.kafka_config(), config, RebuildOptions(batch_size=BATCH, handover_timeout=0.0),
-        on_progress=on_progress,
+        settings.kafka_config(), config, options, on_progress=on_progress,
     )  # fmt: skip
     report = rebuild.run(threading.Event())
     assert report.activated, "the rebuild did not finish"
@@ -158,7 +163,11 @@ def child_rebuild(schema: str, which: str, prefix: str) -> dict[str, float]:
     _forget(settings, projection.name, which)
     models.close()
     store.close()
-    return {"rate": events / replay_seconds, "events": events, "rss_mb": _rss_mb()}
+    rss = _rss_mb()
+    if workers > 1:
+        # The replay workers' memory too (see the module docstring): an upper bound.
+        rss += workers * resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"rate": events / replay_seconds, "events": events, "rss_mb": rss}
 
 
 def _forget(settings: Settings, name: str, which: str) -> None:
@@ -224,11 +233,14 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--products", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--workers", type=int, default=2, help="replay processes of a rebuild (RebuildOptions.workers)"
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, schema, *rest = args.child
-        result = child_read(schema) if kind == "read" else child_rebuild(schema, kind, rest[0])
+        result = child_read(schema) if kind == "read" else child_rebuild(schema, kind, rest[0], int(rest[1]))
         print(json.dumps(result))
         return
 
@@ -246,7 +258,7 @@ def main() -> None:
         consumed: dict[str, float] = {}
         for round_no in range(1, args.rounds + 1):
             for kind in ("read", "pg", "redis"):
-                extra = [] if kind == "read" else [f"bench_rb_{uuid.uuid4().hex[:8]}"]
+                extra = [] if kind == "read" else [f"bench_rb_{uuid.uuid4().hex[:8]}", str(args.workers)]
                 result = run_child(kind, schema, *extra)
                 rates[kind].append(result["rate"])
                 consumed[kind] = result["events"]
@@ -291,6 +303,7 @@ def main() -> None:
                 "read_rows_per_s": round(read, 1),
                 "peak_rss_mb": round(peak, 1),
                 "events": loaded,
+                "workers": args.workers,
             }
         )
     )

@@ -23,6 +23,16 @@ from projections.target import ProjectionTarget
 LOG_CHECKPOINT = "log"
 
 
+def partition_checkpoint(index: int, count: int) -> str:
+    """The checkpoint of partition ``index`` of ``count``, replayed on its own (``log:0/2``)."""
+    return f"{LOG_CHECKPOINT}:{index}/{count}"
+
+
+def is_log_checkpoint(source: str) -> bool:
+    """Whether ``source`` is the replay's (whole log or one partition), not a Kafka partition's."""
+    return source == LOG_CHECKPOINT or source.startswith(LOG_CHECKPOINT + ":")
+
+
 @dataclass
 class ReplayStats:
     """What a replay read and applied."""
@@ -43,12 +53,17 @@ def replay(
     dead_letters: DeadLetterSink | None = None,
     until: LogPosition | None = None,
     on_batch: Callable[[ReplayStats], None] | None = None,
+    partition: tuple[int, int] | None = None,
 ) -> ReplayStats:
     """Apply the log from the target's ``log`` checkpoint to its end (or to ``until``, inclusive).
 
     Only events of the projection's stream types are read (the store filters them), so the
     checkpoint is the last of those applied. Dead letters go to ``dead_letters`` (default:
     collected and raised as one error at the end, so a replay never hides them).
+
+    ``partition=(index, count)`` replays only that partition's streams, under a checkpoint of its
+    own (:func:`partition_checkpoint`), starting from it, else from ``log``: other processes replay
+    the other partitions at the same time (see :mod:`projections.parallel_replay`).
     """
     collected: list[DeadLetter] = []
     given = dead_letters or collected.extend
@@ -57,9 +72,13 @@ def replay(
         # The items carry the events themselves as their originals; a dead letter gets the record.
         given([_with_record(letter) for letter in letters])
 
-    stored = target.checkpoints().get(LOG_CHECKPOINT)
-    stats = ReplayStats(position=LogPosition.parse(stored) if stored else LOG_START)
-    reader_of_log = LogReader(store, projection.stream_types)
+    checkpoints = target.checkpoints()
+    name = LOG_CHECKPOINT if partition is None else partition_checkpoint(*partition)
+    # A partition goes on from its own checkpoint or from the whole log's, whichever is further:
+    # each says its events up to there are applied.
+    stored = [LogPosition.parse(checkpoints[s]) for s in {name, LOG_CHECKPOINT} if s in checkpoints]
+    stats = ReplayStats(position=max(stored, default=LOG_START))
+    reader_of_log = LogReader(store, projection.stream_types, partition)
 
     def read(after: LogPosition) -> list[ProjectedEvent]:
         return reader_of_log.read(after, batch_size)
@@ -77,7 +96,7 @@ def replay(
             last = LogPosition(events[-1].transaction_id, events[-1].position)
             pending = reader.submit(read, last)
             items: Sequence[SourceItem] = [SourceItem(e, e) for e in events]
-            outcome = apply_batch(projection, target, items, {LOG_CHECKPOINT: str(last)}, sink)
+            outcome = apply_batch(projection, target, items, {name: str(last)}, sink)
             stats.events_read += len(events)
             stats.applied += outcome.applied
             stats.duplicates += outcome.duplicates

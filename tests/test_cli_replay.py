@@ -96,7 +96,16 @@ def test_rebuild_of_a_redis_projection_switches_the_alias(pl: Pipeline, redis_co
         pl.start_relay()
         customer, products = pl.seed_catalog(2)
         pl.order_flow(customer, products, 5)
-        built = cli(pl, name, "rebuild", "tests.cli_projections:IsolatedCache", "--handover-timeout", "0.5")
+        built = cli(
+            pl,
+            name,
+            "rebuild",
+            "tests.cli_projections:IsolatedCache",
+            "--handover-timeout",
+            "0.5",
+            "--workers",
+            "2",
+        )
         assert built.returncode == 0, built.stderr
         assert redis_conn.hget(REDIS_ALIASES, name) == RedisGenerations.prefix(f"{name}_v1").encode()
         assert cli(pl, name, "verify", "tests.cli_projections:IsolatedCache").returncode == 0

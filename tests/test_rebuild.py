@@ -113,7 +113,10 @@ def start_live_consumer(pl: Pipeline, models: ReadModels) -> LiveConsumer:
     return live
 
 
-def test_rebuild_under_load_hands_over_and_equals_a_fresh_replay(pl: Pipeline, models: ReadModels) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_rebuild_under_load_hands_over_and_equals_a_fresh_replay(
+    pl: Pipeline, models: ReadModels, workers: int
+) -> None:
     pl.start_relay()
     customer, products = pl.seed_catalog(3)
     pl.order_flow(customer, products, 20)
@@ -123,7 +126,7 @@ def test_rebuild_under_load_hands_over_and_equals_a_fresh_replay(pl: Pipeline, m
     writing = pl.keep_writing(customer, products)
     wait_until(lambda: live.current is not None and live.current.stats.applied > 50, what="live progress")
 
-    report = rebuild(pl, models).run(threading.Event())
+    report = rebuild(pl, models, workers=workers).run(threading.Event())
 
     assert report.generation == f"{first.name}_r1"
     assert report.activated and report.handed_over
@@ -150,7 +153,10 @@ def test_rebuild_under_load_hands_over_and_equals_a_fresh_replay(pl: Pipeline, m
         assert queries.prefix == RedisGenerations.prefix(report.generation)
 
 
-def test_an_interrupted_rebuild_resumes(pl: Pipeline, engine: Engine, redis_conn: redis.Redis) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_interrupted_rebuild_resumes(
+    pl: Pipeline, engine: Engine, redis_conn: redis.Redis, workers: int
+) -> None:
     models = ReadModels(
         renamed(OrderViews, unique_name("ov")), PostgresGenerations(engine), engine, redis_conn
     )
@@ -168,7 +174,7 @@ def test_an_interrupted_rebuild_resumes(pl: Pipeline, engine: Engine, redis_conn
 
         first = Rebuild(
             models.projection, models.registry, models.target, models.drop, pl.store,
-            pl.settings.kafka_config(), pl.consumer_config(), RebuildOptions(batch_size=25),
+            pl.settings.kafka_config(), pl.consumer_config(), RebuildOptions(batch_size=25, workers=workers),
             on_progress=interrupt,
         )  # fmt: skip
         interrupted = first.run(stop)
@@ -177,7 +183,11 @@ def test_an_interrupted_rebuild_resumes(pl: Pipeline, engine: Engine, redis_conn
         assert building.status == BUILDING and building.name == interrupted.generation
         assert 50 <= seen[-1].events_read < seen[-1].total
 
-        resumed = rebuild(pl, models, handover_timeout=0.5).run(threading.Event())
+        if workers > 1:
+            # Each partition stopped at a checkpoint of its own.
+            stored = models.target(building.name).checkpoints()
+            assert {f"log:{i}/{workers}" for i in range(workers)} <= stored.keys()
+        resumed = rebuild(pl, models, handover_timeout=0.5, workers=workers).run(threading.Event())
         assert resumed.generation == interrupted.generation and resumed.activated
         # It went on from its checkpoint instead of starting over.
         assert resumed.replayed.applied + resumed.replayed.duplicates < seen[-1].total
