@@ -7,6 +7,7 @@ checks all go through here.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from projections.runner import DeadLetter, DeadLetterSink, SourceItem, apply_bat
 from projections.target import ProjectionTarget
 
 LOG_CHECKPOINT = "log"
+_PARTITION_CHECKPOINT = re.compile(r"log:\d+/\d+")
 
 
 def partition_checkpoint(index: int, count: int) -> str:
@@ -29,8 +31,11 @@ def partition_checkpoint(index: int, count: int) -> str:
 
 
 def is_log_checkpoint(source: str) -> bool:
-    """Whether ``source`` is the replay's (whole log or one partition), not a Kafka partition's."""
-    return source == LOG_CHECKPOINT or source.startswith(LOG_CHECKPOINT + ":")
+    """Whether ``source`` is the replay's (whole log or one partition), not a Kafka partition's.
+
+    A Kafka checkpoint is ``topic:partition``: ``log:3`` would be a topic named ``log``, never this.
+    """
+    return source == LOG_CHECKPOINT or _PARTITION_CHECKPOINT.fullmatch(source) is not None
 
 
 @dataclass

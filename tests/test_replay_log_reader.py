@@ -11,6 +11,7 @@ from eventstore import EventStore, NewEvent
 from eventstore.records import LOG_START, NO_METADATA, EventMetadata, LogPosition
 from projections.events import ProjectedEvent, event_from_record
 from projections.log_reader import LogReader, partition_bounds, recorded_event
+from projections.replay import is_log_checkpoint, partition_checkpoint
 
 
 def _fill(store: EventStore, streams: int, events: int) -> None:
@@ -73,3 +74,10 @@ def test_partition_arguments_are_checked(store: EventStore) -> None:
         LogReader(store, ["Thing"], (2, 2))
     with pytest.raises(ValueError, match="partition"):
         LogReader(store, ["Thing"], (0, 0))
+
+
+def test_partition_checkpoints_are_told_from_kafka_ones() -> None:
+    assert partition_checkpoint(1, 2) == "log:1/2"
+    assert is_log_checkpoint("log") and is_log_checkpoint("log:0/2")
+    # A Kafka checkpoint is topic:partition, even for a topic named "log".
+    assert not is_log_checkpoint("log:3") and not is_log_checkpoint("datalayer.events.Order:1")
