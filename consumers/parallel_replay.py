@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -164,6 +166,12 @@ def _work(
     reports: Any,
 ) -> ReplayStats:
     """One worker (in its own process): replay partition ``index`` of ``workers``."""
+    # The parent's handlers came along with the fork and would only set its stop event's copy here.
+    # Ctrl-C reaches the whole process group: the parent stops the workers after their batch. A
+    # SIGTERM to a worker alone ends it (its open batch rolls back) and fails the rebuild.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    parent = os.getppid()
     own_store = _own_store(store)
     target = make_target()
     _own_connections(target)
@@ -179,7 +187,8 @@ def _work(
             ahead = stats.events_read / max_rate - (time.monotonic() - begun)
             if ahead > 0:
                 halt.wait(ahead)
-        if halt.is_set():
+        # A parent killed outright (kill -9) cannot tell its workers to stop: they notice it is gone.
+        if halt.is_set() or os.getppid() != parent:
             raise _Halted
 
     try:
