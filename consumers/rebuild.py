@@ -28,12 +28,13 @@ from kafka.errors import KafkaError
 
 from consumers.dead_letters import DEAD_LETTER_PRODUCER_SETTINGS, KafkaDeadLetters, dead_letter_topic
 from consumers.live import TargetFactory, group_for
+from consumers.parallel_replay import replay_in_parallel, settle_log_checkpoint
 from consumers.runtime import ConsumerConfig, ProjectionConsumer, _freeze_startup_objects
 from eventstore.relay.topics import create_missing_topics, topic_for
 from eventstore.store import EventStore
 from projections.generations import BUILDING, RETIRED, Generation, GenerationRegistry
 from projections.projection import Projection
-from projections.replay import LOG_CHECKPOINT, ReplayStats, replay
+from projections.replay import LOG_CHECKPOINT, ReplayStats, is_log_checkpoint, replay
 from projections.target import ProjectionTarget
 
 log = logging.getLogger("datalayer.rebuild")
@@ -41,10 +42,15 @@ log = logging.getLogger("datalayer.rebuild")
 
 @dataclass(frozen=True)
 class RebuildOptions:
-    """How fast to replay, and how long to wait for the catch-up and the handover."""
+    """How fast to replay, and how long to wait for the catch-up and the handover.
+
+    ``workers`` > 1 replays partitions of the streams in that many processes at once, for
+    projections that allow it (``Projection.parallel_replay``); others replay in one.
+    """
 
     batch_size: int = 2000
     max_rate: float | None = None  # events/s read from the store; None: as fast as it goes
+    workers: int = 1
     catch_up_timeout: float = 300.0
     handover_timeout: float = 30.0
     drop_old: bool = False
@@ -155,7 +161,7 @@ class Rebuild:
 
     def _pin_kafka_start(self, target: ProjectionTarget[Any]) -> None:
         stored = target.checkpoints()
-        if any(source != LOG_CHECKPOINT for source in stored):
+        if any(not is_log_checkpoint(source) for source in stored):
             return  # pinned by the interrupted run this one resumes
         admin = KafkaAdminClient(**self.kafka_config)
         try:
@@ -177,8 +183,22 @@ class Rebuild:
     def _replay(
         self, target: ProjectionTarget[Any], progress: RebuildProgress, stop: threading.Event
     ) -> ReplayStats:
+        if self.config.freeze_gc:
+            _freeze_startup_objects()  # as a consumer does: the same batches, the same garbage
+        workers = self.options.workers if self.projection.parallel_replay else 1
+        parallel = ReplayStats()
+        if workers > 1:
+            found = self._replay_in_parallel(target, workers, progress, stop)
+            if found is None:
+                log.info("rebuild %s: interrupted; run it again to resume", self.projection.name)
+                return ReplayStats(events_read=progress.events_read)
+            parallel = found
+            # Every partition is done: one pass over the log's tail (duplicates, and what was
+            # appended meanwhile) sets `log` as a single replay would, so resuming or verifying
+            # later starts from there.
+            settle_log_checkpoint(target, workers)
         begun = time.monotonic()
-        max_rate = self.options.max_rate
+        max_rate = self.options.max_rate if workers == 1 else None
         already = self._already_applied(target)
 
         def on_batch(stats: ReplayStats) -> None:
@@ -199,9 +219,7 @@ class Rebuild:
         dlq = dead_letter_topic(self.config.dead_letter_prefix, self.projection.name)
         sink = KafkaDeadLetters(producer, dlq, self.projection.name)
         try:
-            if self.config.freeze_gc:
-                _freeze_startup_objects()  # as a consumer does: the same batches, the same garbage
-            return replay(
+            tail = replay(
                 self.projection,
                 target,
                 self.store,
@@ -214,6 +232,54 @@ class Rebuild:
             return ReplayStats(events_read=progress.events_read)
         finally:
             producer.close(timeout=10)
+        return ReplayStats(
+            events_read=parallel.events_read + tail.events_read,
+            applied=parallel.applied + tail.applied,
+            duplicates=parallel.duplicates + tail.duplicates,
+            dead_letters=parallel.dead_letters + tail.dead_letters,
+            position=tail.position,
+        )
+
+    def _replay_in_parallel(
+        self, target: ProjectionTarget[Any], workers: int, progress: RebuildProgress, stop: threading.Event
+    ) -> ReplayStats | None:
+        """The partitions in ``workers`` processes (see :mod:`consumers.parallel_replay`).
+
+        Returns the workers' summed figures, None if ``stop`` interrupted them.
+        """
+        begun = time.monotonic()
+        already = self._already_applied(target)
+        name = self.projection.name
+        log.info("rebuild %s: replaying in %d processes", name, workers)
+        totals = ReplayStats()
+
+        def on_progress(stats: ReplayStats) -> None:
+            nonlocal totals
+            totals = stats
+            elapsed = time.monotonic() - begun
+            done = stats.applied + stats.duplicates
+            progress.events_read = already + done
+            progress.rate = done / elapsed if elapsed > 0 else 0.0
+            self.on_progress(progress)
+
+        def make_sink() -> tuple[Any, Callable[[], None]]:
+            producer = KafkaProducer(**DEAD_LETTER_PRODUCER_SETTINGS, **self.kafka_config)
+            dlq = dead_letter_topic(self.config.dead_letter_prefix, name)
+            return KafkaDeadLetters(producer, dlq, name), lambda: producer.close(timeout=10)
+
+        generation = progress.generation
+        finished = replay_in_parallel(
+            self.projection,
+            lambda: self.make_target(generation),
+            self.store,
+            workers=workers,
+            batch_size=self.options.batch_size,
+            make_sink=make_sink,
+            stop=stop,
+            on_progress=on_progress,
+            max_rate=self.options.max_rate,
+        )
+        return totals if finished else None
 
     def _catch_up_and_activate(
         self,

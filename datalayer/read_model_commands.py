@@ -14,7 +14,7 @@ import time
 from typing import Any, TextIO
 
 from datalayer.settings import Settings
-from datalayer.status_commands import add_metrics_arguments
+from datalayer.status_commands import add_metrics_arguments, positive_int
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -140,6 +140,7 @@ def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     options = RebuildOptions(
         batch_size=args.batch_size,
         max_rate=args.max_rate,
+        workers=args.workers,
         handover_timeout=args.handover_timeout,
         drop_old=args.drop_old,
     )
@@ -273,12 +274,20 @@ def add_commands(commands: Any) -> None:
         "hand over to the live consumers. Interrupted, it resumes where it stopped when run again. Use it "
         "after changing a projection (bump its version) or to restore a lost or drifted read model.",
         epilog="example: datalayer rebuild order_views\n"
-        "         datalayer rebuild order_cache --max-rate 20000 --drop-old",
+        "         datalayer rebuild order_cache --max-rate 20000 --drop-old\n"
+        "         datalayer rebuild order_views --workers 2",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     rebuild.add_argument("projection", metavar="PROJECTION", help="name or module:Class")
     rebuild.add_argument("--batch-size", type=int, default=2000, help="events per batch (default 2000)")
     rebuild.add_argument("--max-rate", type=float, help="throttle: at most this many events/s from the store")
+    rebuild.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="replay in N processes, each a partition of the streams, if the projection allows it (1)",
+    )
     rebuild.add_argument(
         "--handover-timeout", type=float, default=30.0, help="seconds to wait for live consumers (30)"
     )

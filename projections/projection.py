@@ -54,6 +54,11 @@ class Projection(Generic[W]):
     stream_types: ClassVar[tuple[str, ...]]
     initial_version: ClassVar[int] = 1
     application_name: ClassVar[str] = ""
+    # Whether a rebuild may replay partitions of the streams in parallel processes: only when every
+    # write is to rows or keys of the event's own stream, or an increment of shared ones (sums do
+    # not depend on the order in which the processes' batches commit). An overwrite of a shared
+    # row or key ("the latest order") would end as whichever process committed last: leave False.
+    parallel_replay: ClassVar[bool] = False
     handlers: ClassVar[dict[str, str]]  # event topic -> method name
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -7,19 +7,35 @@ checks all go through here.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from eventstore.records import LOG_START, LogPosition, RecordedEvent
+from eventstore.records import LOG_START, LogPosition
 from eventstore.store import EventStore
-from projections.events import event_from_record
+from projections.events import ProjectedEvent
+from projections.log_reader import LogReader, recorded_event
 from projections.projection import Projection
 from projections.runner import DeadLetter, DeadLetterSink, SourceItem, apply_batch
 from projections.target import ProjectionTarget
 
 LOG_CHECKPOINT = "log"
+_PARTITION_CHECKPOINT = re.compile(r"log:\d+/\d+")
+
+
+def partition_checkpoint(index: int, count: int) -> str:
+    """The checkpoint of partition ``index`` of ``count``, replayed on its own (``log:0/2``)."""
+    return f"{LOG_CHECKPOINT}:{index}/{count}"
+
+
+def is_log_checkpoint(source: str) -> bool:
+    """Whether ``source`` is the replay's (whole log or one partition), not a Kafka partition's.
+
+    A Kafka checkpoint is ``topic:partition``: ``log:3`` would be a topic named ``log``, never this.
+    """
+    return source == LOG_CHECKPOINT or _PARTITION_CHECKPOINT.fullmatch(source) is not None
 
 
 @dataclass
@@ -42,21 +58,35 @@ def replay(
     dead_letters: DeadLetterSink | None = None,
     until: LogPosition | None = None,
     on_batch: Callable[[ReplayStats], None] | None = None,
+    partition: tuple[int, int] | None = None,
 ) -> ReplayStats:
     """Apply the log from the target's ``log`` checkpoint to its end (or to ``until``, inclusive).
 
     Only events of the projection's stream types are read (the store filters them), so the
     checkpoint is the last of those applied. Dead letters go to ``dead_letters`` (default:
     collected and raised as one error at the end, so a replay never hides them).
+
+    ``partition=(index, count)`` replays only that partition's streams, under a checkpoint of its
+    own (:func:`partition_checkpoint`), starting from it, else from ``log``: other processes replay
+    the other partitions at the same time (see :mod:`projections.parallel_replay`).
     """
     collected: list[DeadLetter] = []
-    sink = dead_letters or collected.extend
-    stored = target.checkpoints().get(LOG_CHECKPOINT)
-    stats = ReplayStats(position=LogPosition.parse(stored) if stored else LOG_START)
-    types = sorted(set(projection.stream_types))
+    given = dead_letters or collected.extend
 
-    def read(after: LogPosition) -> list[RecordedEvent]:
-        return store.read_all(after=after, limit=batch_size, stream_types=types)
+    def sink(letters: Sequence[DeadLetter]) -> None:
+        # The items carry the events themselves as their originals; a dead letter gets the record.
+        given([_with_record(letter) for letter in letters])
+
+    checkpoints = target.checkpoints()
+    name = LOG_CHECKPOINT if partition is None else partition_checkpoint(*partition)
+    # A partition goes on from its own checkpoint or from the whole log's, whichever is further:
+    # each says its events up to there are applied.
+    stored = [LogPosition.parse(checkpoints[s]) for s in {name, LOG_CHECKPOINT} if s in checkpoints]
+    stats = ReplayStats(position=max(stored, default=LOG_START))
+    reader_of_log = LogReader(store, projection.stream_types, partition)
+
+    def read(after: LogPosition) -> list[ProjectedEvent]:
+        return reader_of_log.read(after, batch_size)
 
     # Why a reader thread: the next batch's query runs in the server (and its rows arrive) while
     # this batch is applied. Each batch still commits its own checkpoint, in order.
@@ -65,13 +95,13 @@ def replay(
         while True:
             events = pending.result()
             if until is not None:
-                events = [e for e in events if e.log_position <= until]
+                events = [e for e in events if (e.transaction_id, e.position) <= until]
             if not events:
                 break
-            last = events[-1].log_position
+            last = LogPosition(events[-1].transaction_id, events[-1].position)
             pending = reader.submit(read, last)
-            items: Sequence[SourceItem] = [SourceItem(event_from_record(e), e) for e in events]
-            outcome = apply_batch(projection, target, items, {LOG_CHECKPOINT: str(last)}, sink)
+            items: Sequence[SourceItem] = [SourceItem(e, e) for e in events]
+            outcome = apply_batch(projection, target, items, {name: str(last)}, sink)
             stats.events_read += len(events)
             stats.applied += outcome.applied
             stats.duplicates += outcome.duplicates
@@ -83,6 +113,13 @@ def replay(
         reasons = ", ".join(sorted({d.reason for d in collected}))
         raise ReplayDeadLetters(collected, f"{len(collected)} events could not be applied ({reasons})")
     return stats
+
+
+def _with_record(letter: DeadLetter) -> DeadLetter:
+    original = letter.original
+    if isinstance(original, ProjectedEvent):
+        return DeadLetter(letter.reason, letter.error, letter.event, recorded_event(original))
+    return letter
 
 
 class ReplayDeadLetters(Exception):

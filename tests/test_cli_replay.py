@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from datalayer.settings import Settings
 from eventstore import EventStore
 from projections.generations import REDIS_ALIASES, RedisGenerations
 from projections.orders.tables import order_summaries
-from tests.helpers import unique_name
+from tests.helpers import unique_name, wait_until
 from tests.pipeline import Pipeline, pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,10 +97,72 @@ def test_rebuild_of_a_redis_projection_switches_the_alias(pl: Pipeline, redis_co
         pl.start_relay()
         customer, products = pl.seed_catalog(2)
         pl.order_flow(customer, products, 5)
-        built = cli(pl, name, "rebuild", "tests.cli_projections:IsolatedCache", "--handover-timeout", "0.5")
+        built = cli(
+            pl,
+            name,
+            "rebuild",
+            "tests.cli_projections:IsolatedCache",
+            "--handover-timeout",
+            "0.5",
+            "--workers",
+            "2",
+        )
         assert built.returncode == 0, built.stderr
         assert redis_conn.hget(REDIS_ALIASES, name) == RedisGenerations.prefix(f"{name}_v1").encode()
         assert cli(pl, name, "verify", "tests.cli_projections:IsolatedCache").returncode == 0
+    finally:
+        for key in redis_conn.scan_iter(match=f"dl:{{{name}*", count=1000):
+            redis_conn.delete(key)
+        redis_conn.delete(f"dl:generations:{name}")
+        redis_conn.hdel(REDIS_ALIASES, name)
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with suppress(OSError):
+            found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")  # an orphan's zombie waits for whoever reaps it: it runs no more
+
+
+@pytest.mark.slow
+def test_replay_workers_stop_when_the_rebuild_is_killed(pl: Pipeline, redis_conn: redis.Redis) -> None:
+    name = unique_name("clikill")
+    try:
+        customer, products = pl.seed_catalog(2)
+        pl.order_flow(customer, products, 100)
+        env = dict(
+            os.environ,
+            DATALAYER_EVENTSTORE_SCHEMA=pl.store.schema,
+            DATALAYER_TOPIC_PREFIX=pl.topic_prefix,
+            DATALAYER_DEAD_LETTER_TOPIC_PREFIX=pl.dlq_prefix,
+            TEST_PROJECTION_NAME=name,
+        )
+        args = ["rebuild", "tests.cli_projections:IsolatedCache", "--workers", "2", "--batch-size", "5"]
+        # Throttled, so that the workers are still replaying when their parent is killed.
+        process = subprocess.Popen(
+            [str(BIN), *args, "--max-rate", "20"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            workers = wait_until(lambda: w if len(w := _children(process.pid)) >= 2 else None, what="workers")
+        finally:
+            process.kill()
+            process.wait(timeout=30)
+        wait_until(
+            lambda: all(_gone(pid) for pid in workers), timeout=10, what="the orphaned workers to stop"
+        )
     finally:
         for key in redis_conn.scan_iter(match=f"dl:{{{name}*", count=1000):
             redis_conn.delete(key)

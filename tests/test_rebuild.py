@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +14,7 @@ import redis
 from sqlalchemy import Engine, delete, text, update
 
 from consumers.live import LiveConsumer, group_for
+from consumers.parallel_replay import WorkerFailed
 from consumers.rebuild import Rebuild, RebuildOptions, RebuildProgress
 from datalayer.settings import Settings
 from eventstore import EventStore
@@ -113,7 +116,10 @@ def start_live_consumer(pl: Pipeline, models: ReadModels) -> LiveConsumer:
     return live
 
 
-def test_rebuild_under_load_hands_over_and_equals_a_fresh_replay(pl: Pipeline, models: ReadModels) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_rebuild_under_load_hands_over_and_equals_a_fresh_replay(
+    pl: Pipeline, models: ReadModels, workers: int
+) -> None:
     pl.start_relay()
     customer, products = pl.seed_catalog(3)
     pl.order_flow(customer, products, 20)
@@ -123,7 +129,7 @@ def test_rebuild_under_load_hands_over_and_equals_a_fresh_replay(pl: Pipeline, m
     writing = pl.keep_writing(customer, products)
     wait_until(lambda: live.current is not None and live.current.stats.applied > 50, what="live progress")
 
-    report = rebuild(pl, models).run(threading.Event())
+    report = rebuild(pl, models, workers=workers).run(threading.Event())
 
     assert report.generation == f"{first.name}_r1"
     assert report.activated and report.handed_over
@@ -151,7 +157,10 @@ def test_rebuild_under_load_hands_over_and_equals_a_fresh_replay(pl: Pipeline, m
         assert queries.prefix == RedisGenerations.prefix(report.generation)
 
 
-def test_an_interrupted_rebuild_resumes(pl: Pipeline, engine: Engine, redis_conn: redis.Redis) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_interrupted_rebuild_resumes(
+    pl: Pipeline, engine: Engine, redis_conn: redis.Redis, workers: int
+) -> None:
     models = ReadModels(
         renamed(OrderViews, unique_name("ov")), PostgresGenerations(engine), engine, redis_conn
     )
@@ -169,7 +178,7 @@ def test_an_interrupted_rebuild_resumes(pl: Pipeline, engine: Engine, redis_conn
 
         first = Rebuild(
             models.projection, models.registry, models.target, models.drop, pl.store,
-            pl.settings.kafka_config(), pl.consumer_config(), RebuildOptions(batch_size=25),
+            pl.settings.kafka_config(), pl.consumer_config(), RebuildOptions(batch_size=25, workers=workers),
             on_progress=interrupt,
         )  # fmt: skip
         interrupted = first.run(stop)
@@ -178,10 +187,54 @@ def test_an_interrupted_rebuild_resumes(pl: Pipeline, engine: Engine, redis_conn
         assert building.status == BUILDING and building.name == interrupted.generation
         assert 50 <= seen[-1].events_read < seen[-1].total
 
-        resumed = rebuild(pl, models, handover_timeout=0.5).run(threading.Event())
+        if workers > 1:
+            # Each partition stopped at a checkpoint of its own.
+            stored = models.target(building.name).checkpoints()
+            assert {f"log:{i}/{workers}" for i in range(workers)} <= stored.keys()
+        resumed = rebuild(pl, models, handover_timeout=0.5, workers=workers).run(threading.Event())
         assert resumed.generation == interrupted.generation and resumed.activated
         # It went on from its checkpoint instead of starting over.
         assert resumed.replayed.applied + resumed.replayed.duplicates < seen[-1].total
+        target = models.active_target()
+        assert pl.read_model(target) == pl.read_model(pl.fresh_replay(target))  # type: ignore[arg-type]
+    finally:
+        models.cleanup()
+
+
+def test_a_failed_replay_worker_fails_the_rebuild_and_a_rerun_completes_it(
+    pl: Pipeline, engine: Engine, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    models = ReadModels(
+        renamed(OrderCache, unique_name("oc")), RedisGenerations(redis_conn), engine, redis_conn
+    )
+    parent = os.getpid()
+    claimed = tmp_path / "first-worker"
+
+    def first_worker_fails(generation: str) -> ProjectionTarget[Any]:
+        if os.getpid() != parent:
+            try:  # the first worker to get here fails, the other goes on
+                os.close(os.open(claimed, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                raise RuntimeError("this worker cannot reach its target")
+        return models.target(generation)
+
+    try:
+        pl.start_relay()
+        customer, products = pl.seed_catalog(2)
+        pl.order_flow(customer, products, 40)
+        failing = Rebuild(
+            models.projection, models.registry, first_worker_fails, models.drop, pl.store,
+            pl.settings.kafka_config(), pl.consumer_config(), RebuildOptions(batch_size=20, workers=2),
+        )  # fmt: skip
+        with pytest.raises(WorkerFailed, match="cannot reach its target"):
+            failing.run(threading.Event())
+        (building,) = models.registry.generations(models.projection.name)
+        assert building.status == BUILDING
+
+        resumed = rebuild(pl, models, handover_timeout=0.5, workers=2).run(threading.Event())
+        assert resumed.generation == building.name and resumed.activated
         target = models.active_target()
         assert pl.read_model(target) == pl.read_model(pl.fresh_replay(target))  # type: ignore[arg-type]
     finally:

@@ -87,6 +87,8 @@ def test_migrate_events_renaming_then_a_rebuild_on_the_new_store(
     with pytest.raises(ReplayDeadLetters) as caught:
         rebuilt(pl, pl.store)
     assert [d.reason for d in caught.value.letters] == ["unknown_event_type"]
+    # The dead letter carries the store's record of the event, exactly as stored.
+    assert caught.value.letters[0].original == pl.store.read_stream(placed.stream_id)[-1]
 
     report = migrate_events(pl.store, empty_store, rename_legacy, transform_name="rename_legacy")
     assert report.ok

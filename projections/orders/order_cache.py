@@ -43,6 +43,8 @@ class OrderCache(RedisProjection):
     version = 1
     stream_types = ("Order", "Product")
     application_name = "Orders"
+    # Stock and statuses are per stream; counters and scores change by increments only.
+    parallel_replay = True
 
     @handles(_Product.Created)
     def product_created(self, event: ProjectedEvent, writes: RedisWrites) -> None:

@@ -35,6 +35,8 @@ class OrderViews(SqlProjection):
     stream_types = ("Order",)
     application_name = "Orders"
     metadata = tables.metadata
+    # Summaries are per order; daily sales change by increments only: partitions may replay at once.
+    parallel_replay = True
     # Every handler reads the order's summary: loading them per batch makes that read free.
     prefetch = ("order_summaries",)
 
