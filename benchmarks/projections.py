@@ -354,10 +354,12 @@ class _TimedConsumer(ProjectionConsumer):
         self.records = 0
         self.first: float | None = None
         self.last: float | None = None
+        self.cpu = 0.0  # process CPU seconds from the first batch to the last
 
     def _apply(self, items: Any, checkpoints: dict[str, str], sink: Any, stop: Any) -> BatchOutcome:
         if self.first is None:
             self.first = time.perf_counter()
+            self.cpu = -time.process_time()
         outcome = super()._apply(items, checkpoints, sink, stop)
         # apply_batch returned: these checkpoints are committed in the target with the batch.
         self.records += len(items)
@@ -365,6 +367,7 @@ class _TimedConsumer(ProjectionConsumer):
             self.reached[source] = int(position)
         if all(self.reached.get(source, 0) >= end for source, end in self.ends.items()):
             self.last = time.perf_counter()
+            self.cpu += time.process_time()
             stop.set()
         return outcome
 
@@ -413,6 +416,7 @@ def worker_target(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "records": consumer.records,
         "seconds": consumer.last - consumer.first,
+        "cpu_seconds": consumer.cpu,
         "applied": stats.applied,
         "duplicates": stats.duplicates,
         "dead_letters": stats.dead_letters,
@@ -431,6 +435,7 @@ def worker_bare(spec: dict[str, Any]) -> dict[str, Any]:
     reached: dict[str, int] = {}
     records = 0
     first: float | None = None
+    cpu = 0.0
     loads = orjson.loads
     with profiled(spec):
         consumer.subscribe(topics)
@@ -441,6 +446,7 @@ def worker_bare(spec: dict[str, Any]) -> dict[str, Any]:
                 continue
             if first is None:
                 first = time.perf_counter()
+                cpu = -time.process_time()
             for tp, batch in polled.items():
                 for record in batch:
                     loads(record.value)
@@ -449,10 +455,11 @@ def worker_bare(spec: dict[str, Any]) -> dict[str, Any]:
             if all(reached.get(source, 0) >= end for source, end in ends.items()):
                 break
         last = time.perf_counter()
+        cpu += time.process_time()
     consumer.close(autocommit=False)
     if first is None or not all(reached.get(source, 0) >= end for source, end in ends.items()):
         raise RuntimeError("the bare consumer did not reach the end offsets in 600 s")
-    return {"records": records, "seconds": last - first}
+    return {"records": records, "seconds": last - first, "cpu_seconds": cpu}
 
 
 @contextlib.contextmanager
@@ -995,6 +1002,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "bare_order": "bare (Order)",
             "bare": "bare (Order+Product)",
         }
+        # Process CPU per record of each worker, from its first batch to its last: what a loaded
+        # machine disturbs least (informative; the targets are the rates' ratios).
+        cpu_us: dict[str, list[float]] = {kind: [] for kind in rates}
         order = list(rates)
         for round_no in range(1, args.rounds + 1):
             for kind in order[round_no - 1 :] + order[: round_no - 1]:
@@ -1014,9 +1024,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     check_round(engine, client, kind, spec["name"], fill, result)
                 rate = result["records"] / result["seconds"]
                 rates[kind].append(rate)
+                cpu_us[kind].append(result["cpu_seconds"] / result["records"] * 1e6)
                 print(
                     f"  round {round_no}: {labels[kind]:<22} {rate:>9,.0f} events/s "
-                    f"({result['records']:,} in {result['seconds']:.2f} s)",
+                    f"({result['records']:,} in {result['seconds']:.2f} s; "
+                    f"{cpu_us[kind][-1]:.1f} µs of process CPU each)",
                     flush=True,
                 )
         medians = {kind: statistics.median(values) for kind, values in rates.items()}
@@ -1066,6 +1078,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "latency_redis_ms": main["latency_redis_ms"],
         "latency_events_per_s": main["latency_events_per_s"],
         "kafka_crc32c": kafka_crc32c(),
+        "cpu_us_per_record": {kind: round(statistics.median(values), 2) for kind, values in cpu_us.items()},
     }
     for one in runs:
         if one is not headline:
