@@ -79,7 +79,7 @@ import redis
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from psycopg import sql
-from sqlalchemy import Engine, bindparam, func, select
+from sqlalchemy import ARRAY, Engine, Uuid, any_, bindparam, func, select
 
 from consumers.runtime import ConsumerConfig, ProjectionConsumer
 from datalayer.clients import postgres_engine, redis_client
@@ -678,6 +678,7 @@ def latency(
     cache = RedisTarget(client, OrderCache(), prefix=f"dl:{{{names.latency_cache}}}:")
     base = {"topic_prefix": names.topic_prefix, "dlq_prefix": names.dlq_prefix}
     processes: list[subprocess.Popen[str]] = []
+    stack = contextlib.ExitStack()
     try:
         processes.append(spawn("relay", {"schema": names.store, **base}))
         processes.append(
@@ -698,10 +699,14 @@ def latency(
         settle(engine, names, vacuum=(names.store, names.latency_views))
         queries = OrderQueries(engine, schema=names.latency_views)
         statuses = OrderCacheQueries(client, prefix=cache.prefix)
+        # One statement whatever the number of ids (= ANY of an array), compiled once.
         versions_of = select(order_summaries.c.order_id, order_summaries.c.version).where(
-            order_summaries.c.order_id.in_(bindparam("ids", expanding=True))
+            order_summaries.c.order_id == any_(bindparam("ids", type_=ARRAY(Uuid)))
         )
         status_key = cache.key("order_status")
+        # The batched PostgreSQL observer's own connection, kept for the whole run.
+        observing = stack.enter_context(engine.connect())
+        observing.execution_options(schema_translate_map={None: names.latency_views})
 
         def pg_shows(sample: Sample) -> bool:
             summary = queries.get_order(sample.order_id)
@@ -713,9 +718,9 @@ def latency(
             return status is not None and STATUS_RANK[status] >= STATUS_RANK[sample.status]
 
         def pg_shown(samples: list[Sample]) -> list[bool]:
-            with engine.connect().execution_options(schema_translate_map={None: names.latency_views}) as c:
-                rows = c.execute(versions_of, {"ids": list({s.order_id for s in samples})})
-                versions = {order_id: version for order_id, version in rows}
+            rows = observing.execute(versions_of, {"ids": list({s.order_id for s in samples})})
+            versions = {order_id: version for order_id, version in rows}
+            observing.rollback()  # nothing held open between polls
             return [versions.get(s.order_id, 0) >= s.version for s in samples]
 
         def redis_shown(samples: list[Sample]) -> list[bool]:
@@ -738,6 +743,7 @@ def latency(
             runs.append(LatencyRun(way, pair["pg"].latencies, pair["redis"].latencies, achieved))
         return runs
     finally:
+        stack.close()
         for process in processes:
             stop_process(process)
         views.drop()
