@@ -767,10 +767,14 @@ def observe(
     writer = spawn("writer", spec, stdout=True)
     assert writer.stdout is not None
     achieved: dict[str, float] = {}
+    # CPU of this process while the writer runs (the observers, mostly): what measuring costs the
+    # machine, beside the servers' share of the queries.
+    cpu = time.process_time()
     for line in writer.stdout:
         parts = line.split()
         if parts[0] == "done":
             achieved = {"commands": int(parts[1]), "events": int(parts[2]), "seconds": float(parts[3])}
+            achieved["observer_cores"] = (time.process_time() - cpu) / achieved["seconds"]
             continue
         status = None if parts[2] == "-" else OrderStatus(parts[2])
         sample = Sample(UUID(parts[0]), int(parts[1]), status, float(parts[3]))
@@ -1063,6 +1067,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "samples": len(one.redis_ms),
             },
             "latency_events_per_s": round(one.achieved["events"] / one.achieved["seconds"], 1),
+            "latency_observer_cores": round(one.achieved["observer_cores"], 2),
         }
 
     # The headline latency is the batched observer's when it ran (see Observer), the other one's
@@ -1083,6 +1088,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "latency_pg_ms": main["latency_pg_ms"],
         "latency_redis_ms": main["latency_redis_ms"],
         "latency_events_per_s": main["latency_events_per_s"],
+        "latency_observer_cores": main["latency_observer_cores"],
         "kafka_crc32c": kafka_crc32c(),
         "cpu_us_per_record": {kind: round(statistics.median(values), 2) for kind, values in cpu_us.items()},
     }
@@ -1133,7 +1139,10 @@ def report(figures: dict[str, Any], args: argparse.Namespace) -> None:
             f"    at {figures['latency_events_per_s']:,.0f} events/s, samples",
             f"{figures['latency_pg_ms']['samples']} + {figures['latency_redis_ms']['samples']}",
         ),
-        ("    observed", f"{figures['latency_observer']}"),
+        (
+            "    observed; observing process cores",
+            f"{figures['latency_observer']}; {figures['latency_observer_cores']:.2f}",
+        ),
     ]
     for key, other in figures.items():
         if key.startswith("latency_") and key.endswith("_observer") and isinstance(other, dict):
@@ -1142,6 +1151,12 @@ def report(figures: dict[str, Any], args: argparse.Namespace) -> None:
                 (
                     f"(d) the same observed {way}: PostgreSQL / Redis p99",
                     f"{other['latency_pg_ms']['p99']:.1f} / {other['latency_redis_ms']['p99']:.1f} ms",
+                )
+            )
+            rows.append(
+                (
+                    f"    {way}: at events/s, observing process cores",
+                    f"{other['latency_events_per_s']:,.0f}, {other['latency_observer_cores']:.2f}",
                 )
             )
     width = max(len(label) for label, _ in rows)
