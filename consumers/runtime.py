@@ -246,6 +246,9 @@ class ProjectionConsumer:
 
     def seek_to_checkpoints(self, consumer: KafkaConsumer, assigned: Sequence[TopicPartition]) -> None:
         """Position each newly assigned partition just after the target's last committed batch."""
+        # Whoever held these partitions before may have applied their streams since this target last
+        # did: versions it remembers from its own batches are read again.
+        self.target.forget_applied_versions()
         stored = self._read_checkpoints()
         for tp in assigned:
             position = stored.get(f"{tp.topic}:{tp.partition}")
@@ -319,6 +322,7 @@ class _SeekToTargetCheckpoints(ConsumerRebalanceListener):  # type: ignore[misc]
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         # Nothing to flush: every batch is committed to the target before the next poll.
         self.owner.stats.assigned -= set(revoked)
+        self.owner.target.forget_applied_versions()
 
     def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         self.owner.seek_to_checkpoints(self.consumer, assigned)

@@ -76,6 +76,11 @@ class ProjectionTarget(Protocol[W_co]):
         """The last version of ``stream_id`` applied, or None: what read-your-writes waits on."""
         ...
 
+    def forget_applied_versions(self) -> None:
+        """Forget any stream versions remembered between batches: another process may have
+        applied those streams since (the consumer calls it when its partitions change)."""
+        ...
+
     def close(self) -> None:
         """Release connections."""
         ...

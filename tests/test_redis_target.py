@@ -398,6 +398,61 @@ def test_the_runner_retries_a_conflict_and_skips_what_the_other_process_did(
     assert target.checkpoints() == {"test:0": "2"}
 
 
+def test_versions_a_target_committed_are_remembered_and_not_read_again(
+    setup: tuple[OpsProjection, RedisTarget], redis_conn: redis.Redis
+) -> None:
+    projection, target = setup
+    known, new = str(uuid.uuid4()), str(uuid.uuid4())
+    apply(projection, target, [item(known, 1, [("hincrby", ("h", "n", 1))])], position="1")
+    # Hidden from HMGET but not from the script: the remembered version is used, and the script
+    # still finds it current, so the batch applies.
+    with target.batch() as batch:
+        assert batch.applied_versions([known, new]) == {known: 1}
+        assert batch._ids == [known, new] and batch._seen == ["1", ""]
+    outcome, dead = apply(
+        projection,
+        target,
+        [item(known, 2, [("hincrby", ("h", "n", 1))]), item(new, 1, [("hincrby", ("h", "n", 1))])],
+        position="2",
+    )
+    assert (outcome.applied, outcome.duplicates, dead) == (2, 0, [])
+    assert redis_conn.hget(target.key("h"), "n") == b"3"
+
+
+def test_a_remembered_version_another_process_moved_is_caught_by_the_script(
+    setup: tuple[OpsProjection, RedisTarget], redis_conn: redis.Redis
+) -> None:
+    projection, target = setup
+    stream = str(uuid.uuid4())
+    apply(projection, target, [item(stream, 1, [("hincrby", ("h", "n", 1))])], position="1")
+    # Another process (holding the partition for a while) applies version 2 behind this target's back.
+    other = RedisTarget(redis_conn, projection, prefix=target.prefix)
+    apply(projection, other, [item(stream, 2, [("hincrby", ("h", "n", 1))])], position="2")
+    # Version 2 again, then 3: the remembered version 1 says 2 is new, the script refuses the
+    # batch, the retry reads versions from Redis and skips 2.
+    items = [item(stream, 2, [("hincrby", ("h", "n", 1))]), item(stream, 3, [("hincrby", ("h", "n", 1))])]
+    outcome, dead = apply(projection, target, items, position="3")
+    assert (outcome.applied, outcome.duplicates, dead) == (1, 1, [])
+    assert redis_conn.hget(target.key("h"), "n") == b"3"
+    assert target.applied_version(stream) == 3
+
+
+def test_forgotten_versions_are_read_again_so_no_gap_is_seen(
+    setup: tuple[OpsProjection, RedisTarget], redis_conn: redis.Redis
+) -> None:
+    projection, target = setup
+    stream = str(uuid.uuid4())
+    apply(projection, target, [item(stream, 1, [("hincrby", ("h", "n", 1))])], position="1")
+    other = RedisTarget(redis_conn, projection, prefix=target.prefix)
+    apply(projection, other, [item(stream, 2, [("hincrby", ("h", "n", 1))])], position="2")
+    # The partition comes back to this consumer after a rebalance: it forgets, and version 3 is
+    # the next one, not a gap after a remembered 1.
+    target.forget_applied_versions()
+    outcome, dead = apply(projection, target, [item(stream, 3, [("hincrby", ("h", "n", 1))])], position="3")
+    assert (outcome.applied, outcome.duplicates, dead) == (1, 0, [])
+    assert target.applied_version(stream) == 3
+
+
 # -- key types and rejected writes --------------------------------------------------------------
 
 

@@ -286,6 +286,9 @@ class PostgresTarget:
             version: int | None = conn.execute(_select_version, {"id": UUID(stream_id)}).scalar()
             return version
 
+    def forget_applied_versions(self) -> None:
+        """Nothing remembered: every batch reads (and locks) its streams' versions."""
+
     def close(self) -> None:
         """Nothing to release: the engine belongs to the caller."""
 

@@ -28,6 +28,8 @@ log = logging.getLogger("datalayer.projections")
 
 # Keys UNLINKed per call by drop().
 _DROP_CHUNK: Final = 500
+# Stream versions a target remembers at most (see RedisTarget._known); about 100 bytes each.
+_KNOWN_LIMIT: Final = 200_000
 
 # KEYS[1]: meta:versions, KEYS[2]: meta:checkpoints. ARGV[1]: the key prefix. ARGV[2]: the batch as
 # JSON: [stream ids read, the version each had ("" for none), [stream id, version, ...],
@@ -133,6 +135,11 @@ class RedisTarget:
         self._checkpoints_key = self.prefix + "meta:checkpoints"
         # EVALSHA, loading the script on NOSCRIPT (a restarted or different server).
         self._commit_script = client.register_script(_COMMIT_LUA)
+        # Stream versions as they stood when this target's last batches committed (the commit script
+        # found them unchanged, or wrote them), so a batch reads only the others with HMGET. Only a
+        # guess: the script still checks every one before writing, and a conflict forgets them all.
+        # Forgotten too on every partition assignment (see forget_applied_versions).
+        self._known: dict[str, int] = {}
 
     def key(self, relative: str) -> str:
         """The absolute Redis key of a key a handler wrote as ``relative``: what queries read."""
@@ -156,6 +163,15 @@ class RedisTarget:
         version = self.client.hget(self._versions_key, stream_id)
         return None if version is None else int(version)
 
+    def forget_applied_versions(self) -> None:
+        """Read every stream's version from Redis again from the next batch on.
+
+        The consumer calls it when its partitions change: another process may have applied their
+        streams meanwhile, and a remembered version behind the stored one would make the runner
+        see a version gap (and dead-letter the event) before the commit script could refuse it.
+        """
+        self._known.clear()
+
     def close(self) -> None:
         """Nothing to release: the client is the caller's, and stays open for its other users."""
 
@@ -171,10 +187,17 @@ class RedisTarget:
             self.client.unlink(*chunk)
 
     def _commit(self, payload: bytes) -> None:
-        result: list[Any] = self._commit_script(
-            keys=[self._versions_key, self._checkpoints_key], args=[self.prefix, payload], client=self.client
-        )
+        try:
+            result: list[Any] = self._commit_script(
+                keys=[self._versions_key, self._checkpoints_key],
+                args=[self.prefix, payload],
+                client=self.client,
+            )
+        except BaseException:
+            self._known.clear()  # the script may have run: remember nothing that may be stale
+            raise
         if result[0] == 1:
+            self._known.clear()
             raise BatchConflict(f"stream {_text(result[1])} was applied by another process meanwhile")
         if result[1]:
             log.error(
@@ -207,14 +230,32 @@ class _RedisBatch:
         return None
 
     def applied_versions(self, stream_ids: Collection[str]) -> dict[str, int]:
-        """One HMGET; the commit script checks these values are unchanged before writing."""
-        ids = list(stream_ids)
-        if not ids:
-            return {}
-        stored: list[Any] = self._target.client.hmget(self._target._versions_key, ids)
-        self._ids += ids
-        self._seen += ("" if version is None else _text(version) for version in stored)
-        return {sid: int(version) for sid, version in zip(ids, stored, strict=True) if version is not None}
+        """The versions this target remembers, and one HMGET for the others; the commit script
+        checks all of them are unchanged before writing."""
+        known = self._target._known
+        found: dict[str, int] = {}
+        ids = self._ids
+        seen = self._seen
+        unknown: list[str] = []
+        for sid in stream_ids:
+            version = known.get(sid)
+            if version is None:
+                unknown.append(sid)
+            else:
+                found[sid] = version
+                ids.append(sid)
+                seen.append(str(version))
+        if unknown:
+            stored: list[Any] = self._target.client.hmget(self._target._versions_key, unknown)
+            for sid, value in zip(unknown, stored, strict=True):
+                ids.append(sid)
+                if value is None:
+                    seen.append("")
+                else:
+                    text = _text(value)
+                    seen.append(text)
+                    found[sid] = int(text)
+        return found
 
     def start_event(self) -> None:
         """Writes from here on belong to one event."""
@@ -242,6 +283,14 @@ class _RedisBatch:
         if version_args or checkpoint_args or any(commands):
             payload = orjson.dumps([self._ids, self._seen, version_args, checkpoint_args, commands])
             self._target._commit(payload)
+            # Committed: what the script checked and what it wrote is what Redis holds now.
+            known = self._target._known
+            if len(known) + len(self._ids) > _KNOWN_LIMIT:
+                known.clear()
+            for sid, text in zip(self._ids, self._seen, strict=True):
+                if text:
+                    known[sid] = int(text)
+            known.update(versions)
         self._committed = True
 
 
