@@ -25,6 +25,7 @@ from psycopg_pool import ConnectionPool
 from eventstore.errors import ConcurrencyError, EventStoreError, MigrationError
 from eventstore.horizon import Horizon, read_horizon
 from eventstore.migrations import Migration, available_migrations, current_version, migrate
+from eventstore.prepared import PreparedAppends
 from eventstore.privileges import warn_if_superuser
 from eventstore.records import (
     LOG_START,
@@ -104,6 +105,8 @@ class EventStore:
             .format(self._insert_columns, _ON_CONFLICT)
             .as_bytes()
         )
+        # The same INSERT, prepared per connection and run with one libpq call: the autocommit path.
+        self._prepared_appends = PreparedAppends(schema, self._insert_columns, _ON_CONFLICT, _VALUES_MAX_ROWS)
         self._wakeup = ReaderWakeup(self.dedicated_connection, self.channel)
         self._versions = (
             sql.SQL(
@@ -223,37 +226,21 @@ class EventStore:
     def _write(
         self, conn: psycopg.Connection[Any], appends: Sequence[StreamAppend], *, savepoint: bool
     ) -> list[AppendResult]:
-        rows: list[tuple[Any, ...]] = []
+        count = 0
         for append in appends:
             if append.expected_version < -1:
                 raise ValueError(f"expected version of stream {append.stream_id} must be >= -1")
-            for offset, event in enumerate(append.events, start=1):
-                rows.append(
-                    (
-                        append.stream_id,
-                        append.stream_type,
-                        append.expected_version + offset,
-                        event.event_id,
-                        event.event_type,
-                        event.schema_version,
-                        event.payload,
-                        event.metadata.to_json(),
-                    )
-                )
-        if not rows:
+            count += len(append.events)
+        if not count:
             return [AppendResult(a.stream_id, a.expected_version, ()) for a in appends]
-        statement, params = self._insert_statement(rows)
         try:
-            if savepoint:
-                with conn.transaction():
-                    returned = conn.execute(statement, params).fetchall()
-            else:
-                returned = conn.execute(statement, params).fetchall()
+            position_of = None if savepoint else self._prepared_appends.positions(conn, appends, count)
+            if position_of is None:
+                position_of = self._insert_via_cursor(conn, appends, savepoint=savepoint)
         except psycopg.DatabaseError as exc:
             if not _is_version_conflict(exc):
                 raise
             raise self._conflict(conn, appends) from exc
-        position_of = {row[1]: int(row[0]) for row in returned}
         return [
             AppendResult(
                 a.stream_id,
@@ -262,6 +249,32 @@ class EventStore:
             )
             for a in appends
         ]
+
+    def _insert_via_cursor(
+        self, conn: psycopg.Connection[Any], appends: Sequence[StreamAppend], *, savepoint: bool
+    ) -> dict[UUID, int]:
+        """The INSERT through psycopg: inside a caller's transaction, or for more than a few rows."""
+        rows = [
+            (
+                append.stream_id,
+                append.stream_type,
+                append.expected_version + offset,
+                event.event_id,
+                event.event_type,
+                event.schema_version,
+                event.payload,
+                event.metadata.to_json(),
+            )
+            for append in appends
+            for offset, event in enumerate(append.events, start=1)
+        ]
+        statement, params = self._insert_statement(rows)
+        if savepoint:
+            with conn.transaction():
+                returned = conn.execute(statement, params).fetchall()
+        else:
+            returned = conn.execute(statement, params).fetchall()
+        return {row[1]: int(row[0]) for row in returned}
 
     def _insert_statement(self, rows: list[tuple[Any, ...]]) -> tuple[bytes, Sequence[Any]]:
         if len(rows) > _VALUES_MAX_ROWS:
