@@ -132,8 +132,8 @@ class PreparedAppends:
 
     def positions(
         self, conn: psycopg.Connection[Any], appends: Sequence[StreamAppend], rows: int
-    ) -> dict[UUID, int] | None:
-        """Insert the ``rows`` events of ``appends``; the position of each inserted event by its id.
+    ) -> dict[bytes, int] | None:
+        """Insert the ``rows`` events of ``appends``; the position of each inserted event by its id's bytes.
 
         None when this path does not apply (too many rows, or ``conn`` does not suit): nothing was
         written then. Errors are psycopg's, as from ``conn.execute``.
@@ -142,7 +142,7 @@ class PreparedAppends:
             return None
         params: list[bytes] = []
         for append in appends:
-            stream_id = _uuid_bytes(append.stream_id)
+            stream_id = uuid_bytes(append.stream_id)
             stream_type = append.stream_type.encode()
             version = append.expected_version
             for event in append.events:
@@ -151,7 +151,7 @@ class PreparedAppends:
                     stream_id,
                     stream_type,
                     b"%d" % version,
-                    _uuid_bytes(event.event_id),
+                    uuid_bytes(event.event_id),
                     event.event_type.encode(),
                     b"%d" % event.schema_version,
                     bytes(event.payload),
@@ -163,7 +163,7 @@ class PreparedAppends:
         # Binary results: int8 big-endian, uuid its 16 bytes.
         get = result.get_value
         return {
-            UUID(bytes=get(i, 1)): int.from_bytes(get(i, 0), "big", signed=True)  # type: ignore[arg-type]
+            get(i, 1): int.from_bytes(get(i, 0), "big", signed=True)  # type: ignore[arg-type,misc]
             for i in range(result.ntuples)
         }
 
@@ -190,5 +190,6 @@ class PreparedAppends:
         return statement
 
 
-def _uuid_bytes(value: UUID | str) -> bytes:
+def uuid_bytes(value: UUID | str) -> bytes:
+    """The 16 bytes of a UUID given as such or as its text."""
     return value.bytes if isinstance(value, UUID) else UUID(str(value)).bytes

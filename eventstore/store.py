@@ -25,7 +25,7 @@ from psycopg_pool import ConnectionPool
 from eventstore.errors import ConcurrencyError, EventStoreError, MigrationError
 from eventstore.horizon import Horizon, read_horizon
 from eventstore.migrations import Migration, available_migrations, current_version, migrate
-from eventstore.prepared import PreparedAppends
+from eventstore.prepared import PreparedAppends, uuid_bytes
 from eventstore.privileges import warn_if_superuser
 from eventstore.records import (
     LOG_START,
@@ -209,9 +209,17 @@ class EventStore:
 
     def append_streams(self, appends: Sequence[StreamAppend]) -> list[AppendResult]:
         """Append to several streams in one transaction: all of it is written, or none of it."""
-        with self.pool.connection() as conn:
-            # One INSERT statement: on an autocommit connection it is a transaction on its own.
-            results = self._write(conn, appends, savepoint=not conn.autocommit)
+        conn = self.pool.getconn()
+        try:
+            if conn.autocommit:
+                # One INSERT statement, a transaction on its own. Without the pool's context
+                # manager: its commit-on-exit has nothing to commit here and costs every append.
+                results = self._write(conn, appends, savepoint=False)
+            else:
+                with conn:
+                    results = self._write(conn, appends, savepoint=True)
+        finally:
+            self.pool.putconn(conn)
         self._wakeup.announce()
         return results
 
@@ -241,18 +249,20 @@ class EventStore:
             if not _is_version_conflict(exc):
                 raise
             raise self._conflict(conn, appends) from exc
+        # Keyed by the event ids' bytes: the prepared path reads them without making UUIDs.
+        get = position_of.get
         return [
             AppendResult(
                 a.stream_id,
                 a.expected_version + len(a.events),
-                tuple(position_of[e.event_id] for e in a.events if e.event_id in position_of),
+                tuple(p for p in (get(uuid_bytes(e.event_id)) for e in a.events) if p is not None),
             )
             for a in appends
         ]
 
     def _insert_via_cursor(
         self, conn: psycopg.Connection[Any], appends: Sequence[StreamAppend], *, savepoint: bool
-    ) -> dict[UUID, int]:
+    ) -> dict[bytes, int]:
         """The INSERT through psycopg: inside a caller's transaction, or for more than a few rows."""
         rows = [
             (
@@ -274,7 +284,7 @@ class EventStore:
                 returned = conn.execute(statement, params).fetchall()
         else:
             returned = conn.execute(statement, params).fetchall()
-        return {row[1]: int(row[0]) for row in returned}
+        return {row[1].bytes: int(row[0]) for row in returned}
 
     def _insert_statement(self, rows: list[tuple[Any, ...]]) -> tuple[bytes, Sequence[Any]]:
         if len(rows) > _VALUES_MAX_ROWS:

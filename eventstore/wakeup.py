@@ -48,7 +48,10 @@ class ReaderWakeup:
 
     def announce(self) -> None:
         """Note that events were committed; the thread notifies followers shortly."""
-        self._pending.set()
+        # Already pending: the thread has yet to clear it, so its NOTIFY follows this commit.
+        # Setting it again would only take the event's lock on every append.
+        if not self._pending.is_set():
+            self._pending.set()
         if self._thread is None:
             with self._lock:
                 if self._thread is None and not self._closed.is_set():
