@@ -130,6 +130,9 @@ class DatalayerApplicationRecorder(_ReadsStreams, ApplicationRecorder):
     def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
         appends = self._appends(stored_events)
         results = self.store.append_streams(appends)
+        if len(results) == 1 and len(results[0].positions) == len(stored_events):
+            # One stream (the usual save): its events came in version order, so their positions do.
+            return list(results[0].positions)
         position_by_key = {
             (r.stream_id, r.version - len(r.positions) + i + 1): p
             for r in results

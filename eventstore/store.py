@@ -25,6 +25,7 @@ from psycopg_pool import ConnectionPool
 from eventstore.errors import ConcurrencyError, EventStoreError, MigrationError
 from eventstore.horizon import Horizon, read_horizon
 from eventstore.migrations import Migration, available_migrations, current_version, migrate
+from eventstore.prepared import PreparedAppends, uuid_bytes
 from eventstore.privileges import warn_if_superuser
 from eventstore.records import (
     LOG_START,
@@ -104,6 +105,8 @@ class EventStore:
             .format(self._insert_columns, _ON_CONFLICT)
             .as_bytes()
         )
+        # The same INSERT, prepared per connection and run with one libpq call: the autocommit path.
+        self._prepared_appends = PreparedAppends(schema, self._insert_columns, _ON_CONFLICT, _VALUES_MAX_ROWS)
         self._wakeup = ReaderWakeup(self.dedicated_connection, self.channel)
         self._versions = (
             sql.SQL(
@@ -206,9 +209,17 @@ class EventStore:
 
     def append_streams(self, appends: Sequence[StreamAppend]) -> list[AppendResult]:
         """Append to several streams in one transaction: all of it is written, or none of it."""
-        with self.pool.connection() as conn:
-            # One INSERT statement: on an autocommit connection it is a transaction on its own.
-            results = self._write(conn, appends, savepoint=not conn.autocommit)
+        conn = self.pool.getconn()
+        try:
+            if conn.autocommit:
+                # One INSERT statement, a transaction on its own. Without the pool's context
+                # manager: its commit-on-exit has nothing to commit here and costs every append.
+                results = self._write(conn, appends, savepoint=False)
+            else:
+                with conn:
+                    results = self._write(conn, appends, savepoint=True)
+        finally:
+            self.pool.putconn(conn)
         self._wakeup.announce()
         return results
 
@@ -223,45 +234,57 @@ class EventStore:
     def _write(
         self, conn: psycopg.Connection[Any], appends: Sequence[StreamAppend], *, savepoint: bool
     ) -> list[AppendResult]:
-        rows: list[tuple[Any, ...]] = []
+        count = 0
         for append in appends:
             if append.expected_version < -1:
                 raise ValueError(f"expected version of stream {append.stream_id} must be >= -1")
-            for offset, event in enumerate(append.events, start=1):
-                rows.append(
-                    (
-                        append.stream_id,
-                        append.stream_type,
-                        append.expected_version + offset,
-                        event.event_id,
-                        event.event_type,
-                        event.schema_version,
-                        event.payload,
-                        event.metadata.to_json(),
-                    )
-                )
-        if not rows:
+            count += len(append.events)
+        if not count:
             return [AppendResult(a.stream_id, a.expected_version, ()) for a in appends]
-        statement, params = self._insert_statement(rows)
         try:
-            if savepoint:
-                with conn.transaction():
-                    returned = conn.execute(statement, params).fetchall()
-            else:
-                returned = conn.execute(statement, params).fetchall()
+            position_of = None if savepoint else self._prepared_appends.positions(conn, appends, count)
+            if position_of is None:
+                position_of = self._insert_via_cursor(conn, appends, savepoint=savepoint)
         except psycopg.DatabaseError as exc:
             if not _is_version_conflict(exc):
                 raise
             raise self._conflict(conn, appends) from exc
-        position_of = {row[1]: int(row[0]) for row in returned}
+        # Keyed by the event ids' bytes: the prepared path reads them without making UUIDs.
+        get = position_of.get
         return [
             AppendResult(
                 a.stream_id,
                 a.expected_version + len(a.events),
-                tuple(position_of[e.event_id] for e in a.events if e.event_id in position_of),
+                tuple(p for p in (get(uuid_bytes(e.event_id)) for e in a.events) if p is not None),
             )
             for a in appends
         ]
+
+    def _insert_via_cursor(
+        self, conn: psycopg.Connection[Any], appends: Sequence[StreamAppend], *, savepoint: bool
+    ) -> dict[bytes, int]:
+        """The INSERT through psycopg: inside a caller's transaction, or for more than a few rows."""
+        rows = [
+            (
+                append.stream_id,
+                append.stream_type,
+                append.expected_version + offset,
+                event.event_id,
+                event.event_type,
+                event.schema_version,
+                event.payload,
+                event.metadata.to_json(),
+            )
+            for append in appends
+            for offset, event in enumerate(append.events, start=1)
+        ]
+        statement, params = self._insert_statement(rows)
+        if savepoint:
+            with conn.transaction():
+                returned = conn.execute(statement, params).fetchall()
+        else:
+            returned = conn.execute(statement, params).fetchall()
+        return {row[1].bytes: int(row[0]) for row in returned}
 
     def _insert_statement(self, rows: list[tuple[Any, ...]]) -> tuple[bytes, Sequence[Any]]:
         if len(rows) > _VALUES_MAX_ROWS:
