@@ -208,7 +208,12 @@ class EventStore:
         return self.append_streams([StreamAppend(stream_id, stream_type, expected_version, tuple(events))])[0]
 
     def append_streams(self, appends: Sequence[StreamAppend]) -> list[AppendResult]:
-        """Append to several streams in one transaction: all of it is written, or none of it."""
+        """Append to several streams in one transaction: all of it is written, or none of it.
+
+        Rows are inserted in the order given, which is their order in the log. Writers that share
+        streams should give them in one order (say, by id): opposite orders can deadlock in
+        PostgreSQL, which fails one of them with ``psycopg.errors.DeadlockDetected``.
+        """
         conn = self.pool.getconn()
         try:
             if conn.autocommit:

@@ -8,6 +8,7 @@ from decimal import Decimal
 from uuid import UUID
 
 from domain import CommandHandlers, DomainError, OrdersApplication, OrderStatus
+from eventstore import EventStore
 
 THREADS = 6
 ORDERS_PER_THREAD = 25
@@ -92,3 +93,29 @@ def test_concurrent_orders_never_oversell(es_env: dict[str, str]) -> None:
             expected = 0 if o.status is OrderStatus.CANCELLED or line is None else line.quantity
             assert product.reserved_for(o.id) == expected
     setup.close()
+
+
+def test_shared_streams_are_written_in_one_order_whatever_the_lines(
+    es_env: dict[str, str], store: EventStore
+) -> None:
+    """Products are inserted by id whatever the order of the lines: two orders of the same products
+    in opposite orders cannot then deadlock in PostgreSQL (a failure the conflict retry does not
+    cover). The order's own event comes first."""
+    app = OrdersApplication(env=es_env)
+    handlers = CommandHandlers(app)
+    customer = handlers.register_customer(
+        {"name": "Ada", "email": "ada@example.com", "address": "1 Quay St"}
+    ).stream_id
+    products = []
+    for sku in ("fig", "kiwi", "lime"):
+        product = handlers.create_product({"sku": sku, "name": sku, "price": Decimal("2.00")}).stream_id
+        handlers.receive_stock({"product_id": product, "quantity": 10})
+        products.append(product)
+    descending = sorted(products, reverse=True)
+    placed = handlers.place_order(
+        {"customer_id": customer, "lines": [{"product_id": p, "quantity": 1} for p in descending]}
+    )
+    written = {stream: store.read_stream(stream)[-1].position for stream in [placed.stream_id, *products]}
+    by_position = sorted(written, key=written.__getitem__)
+    assert by_position == [placed.stream_id, *sorted(products)]
+    app.close()
