@@ -206,7 +206,11 @@ class _StatusCollector(Collector):
         yield up
         if report.store is not None and report.relay is not None:
             store, relay = report.store, report.relay
-            yield _gauge("datalayer_store_events", "Events in the event store", store.events)
+            yield _gauge(
+                "datalayer_store_events",
+                "Events in the event store (PostgreSQL's estimate above 1,000,000)",
+                store.events,
+            )
             yield _gauge(
                 "datalayer_read_horizon_held_back_events",
                 "Committed events readers cannot see yet, behind an open transaction",

@@ -45,6 +45,8 @@ class StoreStatus:
 
     schema: str
     events: int
+    #: False when ``events`` is PostgreSQL's estimate: a long log is not counted on every read.
+    events_exact: bool
     head_position: int | None
     last_recorded_at: datetime | None
     horizon_stalled: bool
@@ -206,21 +208,20 @@ def _store_and_relay(
     found = conn.execute("SELECT to_regclass(%s)", (f'"{schema}".events',)).fetchone()
     if found is None or found[0] is None:
         raise LookupError(f"schema {schema} has no event store (run: datalayer db migrate)")
-    # Both the count and the max are index-only scans; the horizon and lag queries read the
-    # events after the checkpoint or the horizon only.
-    row = conn.execute(
-        sql.SQL("SELECT count(*), max(position), max(recorded_at) FROM {}").format(
-            sql.Identifier(schema, "events")
-        )
+    table = sql.Identifier(schema, "events")
+    # The head through the primary key's index: one row, however long the log.
+    head = conn.execute(
+        sql.SQL("SELECT position, recorded_at FROM {} ORDER BY position DESC LIMIT 1").format(table)
     ).fetchone()
-    assert row is not None
+    events, exact = _event_count(conn, schema, table)
     lag = read_lag(conn, schema, relay_name)
     horizon = lag.horizon
     store = StoreStatus(
         schema=schema,
-        events=int(row[0]),
-        head_position=row[1],
-        last_recorded_at=row[2],
+        events=events,
+        events_exact=exact,
+        head_position=head[0] if head else None,
+        last_recorded_at=head[1] if head else None,
         horizon_stalled=horizon.stalled,
         held_back_events=horizon.held_back_events,
         blocking_pid=horizon.blocking_pid,
@@ -236,6 +237,24 @@ def _store_and_relay(
         active_pid=relay_lock_holder(conn, schema, relay_name),
     )
     return store, relay
+
+
+#: Up to this many events (by PostgreSQL's estimate) status counts them exactly; beyond, a count
+#: would scan the whole log on every status read and metrics scrape, so the estimate is reported.
+EXACT_COUNT_LIMIT = 1_000_000
+
+
+def _event_count(conn: psycopg.Connection[Any], schema: str, table: sql.Identifier) -> tuple[int, bool]:
+    row = conn.execute(
+        "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(%s)", (f'"{schema}".events',)
+    ).fetchone()
+    estimate = int(row[0]) if row is not None and row[0] is not None else -1
+    # -1: never vacuumed or analysed, so PostgreSQL does not know yet; a small log is counted.
+    if estimate > EXACT_COUNT_LIMIT:
+        return estimate, False
+    counted = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table)).fetchone()
+    assert counted is not None
+    return int(counted[0]), True
 
 
 def relay_lock_holder(conn: psycopg.Connection[Any], schema: str, relay_name: str) -> int | None:

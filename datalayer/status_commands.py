@@ -61,7 +61,8 @@ def print_status(report: Any, out: SupportsWrite[str], partitions: bool = False)
         if store.last_recorded_at is not None:
             age = f", newest {(datetime.now(UTC) - store.last_recorded_at).total_seconds():,.1f} s ago"
         print(
-            f"event store   schema {store.schema}: {store.events:,} events, "
+            f"event store   schema {store.schema}: {'' if store.events_exact else '~'}{store.events:,} "
+            f"events{'' if store.events_exact else ' (estimate)'}, "
             f"head position {store.head_position or 0:,}{age}",
             file=out,
         )

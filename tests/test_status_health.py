@@ -237,3 +237,28 @@ def test_health_passes_on_the_running_servers_and_names_one_that_does_not_answer
         assert down.returncode == 1, down.stdout
         assert f"FAIL  {server}" in down.stdout
         assert down.stdout.strip().splitlines()[-1].startswith(f"unhealthy: {server}: 127.0.0.1:{port}: ")
+
+
+def test_status_counts_a_short_log_and_estimates_a_long_one(
+    settings: Settings, store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uuid
+
+    import datalayer.status as status
+    from eventstore import NewEvent
+
+    stream = uuid.uuid4()
+    store.append(stream, "Cart", [NewEvent(uuid.uuid4(), "ItemAdded", b"{}") for _ in range(3)], 0)
+    settings = settings.model_copy(update={"eventstore_schema": store.schema})
+
+    counted = gather_status(settings, []).store
+    assert counted is not None and (counted.events, counted.events_exact) == (3, True)
+    assert counted.head_position == store.read_stream(stream)[-1].position
+
+    # Above the limit by PostgreSQL's own estimate, status reads the estimate instead of scanning.
+    monkeypatch.setattr(status, "EXACT_COUNT_LIMIT", 2)
+    with postgres_connection(settings, autocommit=True) as conn:
+        conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(store.schema, "events")))
+    estimated = gather_status(settings, []).store
+    assert estimated is not None and estimated.events_exact is False
+    assert estimated.events == 3 and estimated.last_recorded_at == counted.last_recorded_at
