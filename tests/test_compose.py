@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -36,9 +37,12 @@ def test_compose_config_validates() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_compose_matches_the_default_settings() -> None:
+def test_compose_matches_the_default_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     spec: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
     services = spec["services"]
+    # The defaults, not this run's: the suite may point at a second stack on other ports.
+    for name in [name for name in os.environ if name.startswith("DATALAYER_")]:
+        monkeypatch.delenv(name)
     defaults = Settings()
     db = urlsplit(defaults.database_url)
     pg = services["postgres"]
