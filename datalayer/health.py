@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from datalayer.settings import Settings
-from datalayer.status import KAFKA_TIMEOUTS, PG_CONNECT_TIMEOUT, StatusReport, gather_status, one_line
+from datalayer.status import (
+    KAFKA_TIMEOUTS,
+    PG_CONNECT_TIMEOUT,
+    StatusReport,
+    gather_status,
+    one_line,
+    unreachable_message,
+)
 from projections.projection import Projection
 
 SCOPES = ("all", "servers", "relay", "consumers")
@@ -126,7 +133,9 @@ def _relay_checks(report: StatusReport, limits: Thresholds) -> list[Check]:
     checks: list[Check] = []
     store, relay = report.store, report.relay
     if store is not None:
-        if store.horizon_stalled and store.blocking_seconds > limits.horizon_stall_seconds:
+        if store.unreachable_events:
+            checks.append(Check("read horizon", False, unreachable_message(store.unreachable_events)))
+        elif store.horizon_stalled and store.blocking_seconds > limits.horizon_stall_seconds:
             checks.append(
                 Check(
                     "read horizon",

@@ -51,6 +51,8 @@ class StoreStatus:
     last_recorded_at: datetime | None
     horizon_stalled: bool
     held_back_events: int
+    #: Events with transaction ids this cluster has not reached (a pg_dump from another cluster).
+    unreachable_events: int
     blocking_pid: int | None
     blocking_seconds: float
     blocking_query: str | None
@@ -224,6 +226,7 @@ def _store_and_relay(
         last_recorded_at=head[1] if head else None,
         horizon_stalled=horizon.stalled,
         held_back_events=horizon.held_back_events,
+        unreachable_events=horizon.unreachable_events,
         blocking_pid=horizon.blocking_pid,
         blocking_seconds=horizon.blocking_seconds,
         blocking_query=horizon.blocking_query,
@@ -237,6 +240,15 @@ def _store_and_relay(
         active_pid=relay_lock_holder(conn, schema, relay_name),
     )
     return store, relay
+
+
+def unreachable_message(events: int) -> str:
+    """What an event log restored from another cluster's ``pg_dump`` means, and what to do."""
+    return (
+        f"UNREACHABLE: {events:,} events carry transaction ids this cluster has not reached (a pg_dump "
+        "restored from another cluster?): no reader sees them; restore from a `datalayer export` "
+        "instead (docs/backup-and-migration.md)"
+    )
 
 
 #: Up to this many events (by PostgreSQL's estimate) status counts them exactly; beyond, a count

@@ -55,6 +55,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 def print_status(report: Any, out: SupportsWrite[str], partitions: bool = False) -> None:
     """The status report as a few lines and one table, for a person."""
+    from datalayer.status import unreachable_message
+
     store, relay = report.store, report.relay
     if store is not None:
         age = ""
@@ -66,6 +68,8 @@ def print_status(report: Any, out: SupportsWrite[str], partitions: bool = False)
             f"head position {store.head_position or 0:,}{age}",
             file=out,
         )
+        if store.unreachable_events:
+            print(f"read horizon  {unreachable_message(store.unreachable_events)}", file=out)
         if store.horizon_stalled:
             print(
                 f"read horizon  STALLED: {store.held_back_events:,} committed events held back for "

@@ -262,3 +262,34 @@ def test_status_counts_a_short_log_and_estimates_a_long_one(
     estimated = gather_status(settings, []).store
     assert estimated is not None and estimated.events_exact is False
     assert estimated.events == 3 and estimated.last_recorded_at == counted.last_recorded_at
+
+
+def test_status_and_health_name_events_restored_from_another_clusters_future(
+    settings: Settings, store: EventStore
+) -> None:
+    import uuid
+
+    from eventstore import NewEvent
+
+    store.append(uuid.uuid4(), "Cart", [NewEvent(uuid.uuid4(), "ItemAdded", b"{}")], 0)
+    # What a pg_dump from a cluster further along leaves: a row whose transaction id is ahead.
+    with postgres_connection(settings, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (stream_id, stream_type, stream_version, event_id, event_type, payload,"
+                " transaction_id) VALUES (%s, 'Cart', 1, %s, 'ItemAdded', '\\x7b7d',"
+                " (pg_snapshot_xmax(pg_current_snapshot())::text::bigint + 1000000)::text::xid8)"
+            ).format(sql.Identifier(store.schema, "events")),
+            (uuid.uuid4(), uuid.uuid4()),
+        )
+    assert len(store.read_all(limit=10)) == 1  # hidden from every reader: what status must name
+    horizon = store.horizon()
+    assert (horizon.unreachable_events, horizon.held_back_events) == (1, 0)
+
+    env = dict(os.environ, DATALAYER_EVENTSTORE_SCHEMA=store.schema)
+    status = subprocess.run([str(BIN), "status"], capture_output=True, text=True, timeout=120, env=env)
+    assert "UNREACHABLE: 1 events carry transaction ids this cluster has not reached" in status.stdout
+    health = subprocess.run(
+        [str(BIN), "health", "relay"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert health.returncode == 1 and "FAIL  read horizon" in health.stdout, health.stdout

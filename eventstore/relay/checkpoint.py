@@ -85,6 +85,7 @@ class RelayLag:
                 "transaction_id": self.horizon.transaction_id,
                 "stalled": self.horizon.stalled,
                 "held_back_events": self.horizon.held_back_events,
+                "unreachable_events": self.horizon.unreachable_events,
                 "blocking_pid": self.horizon.blocking_pid,
                 "blocking_seconds": round(self.horizon.blocking_seconds, 3),
                 "blocking_query": self.horizon.blocking_query,

@@ -133,6 +133,7 @@ class Relay:
                     if lease is None:
                         return
                     self.is_active.set()
+                    self._warn_of_unreachable_events()
                     self._publish(stop, lease)
                     return
             except (
@@ -153,6 +154,18 @@ class Relay:
                 self.is_active.clear()
             stop.wait(backoff)
             backoff = min(backoff * 2, self.config.max_backoff)
+
+    def _warn_of_unreachable_events(self) -> None:
+        # Otherwise the relay would wait without a word for events no reader can see yet.
+        unreachable = self.store.horizon().unreachable_events
+        if unreachable:
+            log.error(
+                "relay %s: %d events carry transaction ids this cluster has not reached (a pg_dump "
+                "restored from another cluster?); no reader sees them until it does: restore from a "
+                "`datalayer export` instead (docs/backup-and-migration.md)",
+                self.config.name,
+                unreachable,
+            )
 
     def lag(self) -> RelayLag:
         with self.store.pool.connection() as conn:
