@@ -79,6 +79,18 @@ port_owner() { # port -> "name(pid)" of the listener, when ss can tell
   ss -ltnpH "sport = :$1" 2>/dev/null | sed -n 's/.*users:((\("[^"]*"\),pid=\([0-9]*\).*/\1 (pid \2)/p' | head -n1
 }
 
+refuse_orphan() { # kind port -- die when the port's server runs from a deleted directory
+  # A stack left running by a checkout that was then deleted answers like a good server, but its
+  # data (and its own 'down') are gone: using it would lose whatever is written next.
+  local pid dir
+  pid=$(ss -ltnpH "sport = :$2" 2>/dev/null | sed -n 's/.*pid=\([0-9]*\).*/\1/p' | head -n1)
+  [ -n "$pid" ] || return 0
+  dir=$(readlink "/proc/$pid/cwd" 2>/dev/null) || return 0
+  case $dir in
+    *" (deleted)") die "$1: port $2 is served by pid $pid, which runs from ${dir% (deleted)}, deleted since (the stack of a removed checkout?); stop it (kill $pid) and run again" ;;
+  esac
+}
+
 wait_for() { # description timeout-seconds command...
   local what=$1 limit=$2; shift 2
   local deadline=$((SECONDS + limit))
@@ -320,6 +332,7 @@ pg_up() {
   else
     if port_open "$PG_PORT"; then
       if probe postgres "$PG_PORT" >/dev/null 2>&1; then
+        refuse_orphan postgresql "$PG_PORT"
         log "postgresql: port $PG_PORT already serves a PostgreSQL that accepts the datalayer credentials; using it (not started here, not stopped by 'down')"
         return 0
       fi
@@ -423,6 +436,7 @@ redis_up() {
   else
     if port_open "$REDIS_PORT"; then
       if probe redis "$REDIS_PORT" >/dev/null 2>&1; then
+        refuse_orphan redis "$REDIS_PORT"
         log "redis: port $REDIS_PORT already serves Redis; using it (not started here, not stopped by 'down'; no TLS set up)"
         return 0
       fi
@@ -484,6 +498,7 @@ kafka_up() {
     for p in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$KAFKA_TLS_PORT"; do
       if port_open "$p"; then
         if [ "$p" = "$KAFKA_PORT" ] && probe kafka "$KAFKA_PORT" >/dev/null 2>&1; then
+          refuse_orphan kafka "$KAFKA_PORT"
           log "kafka: port $KAFKA_PORT already serves a Kafka broker; using it (not started here, not stopped by 'down'; no TLS set up)"
           return 0
         fi
