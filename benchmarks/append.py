@@ -268,6 +268,14 @@ def _stat_fields(pid: int) -> list[str] | None:
 
 
 def _parent_pid(pid: int) -> int | None:
+    """The parent of backend ``pid`` if that is a local PostgreSQL process (a remote server's backend
+    pid may name an unrelated process here)."""
+    try:
+        with open(f"/proc/{pid}/comm") as comm:
+            if comm.read().strip() not in ("postgres", "postmaster"):
+                return None
+    except OSError:
+        return None
     fields = _stat_fields(pid)
     return int(fields[1]) if fields else None
 
