@@ -18,13 +18,16 @@ Why: an event store that gives up the stock table lock must earn it in concurren
 in bulk quickly, and with snapshots must load a long-lived aggregate about as fast as a short one.
 
 The throughput runs (a), (b), (c) are interleaved round by round so that the noise of a shared
-2-core machine affects them alike; each figure is the median of the rounds. The last line printed
-is one JSON object with the figures.
+2-core machine affects them alike; each figure is the median of the rounds. Each round also
+measures the CPU per transaction of the benchmark process and (when PostgreSQL runs on this
+machine) of the server's processes: steadier than throughput, and it says which side a change
+helped. The last line printed is one JSON object with the figures.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import threading
 import time
@@ -218,9 +221,69 @@ def ceiling_steps(stack: ExitStack, conninfo: str, schema: str, samples: list[Sa
     return [writer(stack.enter_context(psycopg.connect(conninfo, autocommit=True))) for _ in range(WRITERS)]
 
 
-def events_per_second(steps: list[Step]) -> float:
-    """Run one thread per step until stopped; events/s over ``MEASURE_S`` after ``WARMUP_S``."""
+@dataclass(frozen=True)
+class Round:
+    """One measured run of a workload: its rate and the CPU each of its transactions cost."""
+
+    events_per_s: float
+    client_cpu_us_per_txn: float
+    server_cpu_us_per_txn: float | None  # None when the server's processes are not on this machine
+
+
+class ServerCpu:
+    """CPU seconds used so far by all processes of the PostgreSQL server, when it runs on this machine.
+
+    The store and the ceiling differ in server work (trigger, ON CONFLICT, RETURNING) as much as in
+    client work, and throughput on a shared 2-core machine moves with the other load: CPU per
+    transaction, client and server, says which side a change helped. The server's processes are the
+    postmaster's children (backends, WAL writer, checkpointer...), read from ``/proc``; a server
+    elsewhere (or unreadable ``/proc``) gives None.
+    """
+
+    def __init__(self, conninfo: str) -> None:
+        with psycopg.connect(conninfo) as conn:
+            self.postmaster = _parent_pid(conn.info.backend_pid)
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def seconds(self) -> float | None:
+        if self.postmaster is None:
+            return None
+        total = 0
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                fields = _stat_fields(int(entry.name))
+                # Fields after the command: [1] parent pid, [11] utime, [12] stime (clock ticks).
+                if fields and (int(entry.name) == self.postmaster or int(fields[1]) == self.postmaster):
+                    total += int(fields[11]) + int(fields[12])
+        return total / self.tick
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name, or None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _parent_pid(pid: int) -> int | None:
+    """The parent of backend ``pid`` if that is a local PostgreSQL process (a remote server's backend
+    pid may name an unrelated process here)."""
+    try:
+        with open(f"/proc/{pid}/comm") as comm:
+            if comm.read().strip() not in ("postgres", "postmaster"):
+                return None
+    except OSError:
+        return None
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields else None
+
+
+def measure_round(steps: list[Step], server: ServerCpu) -> Round:
+    """Run one thread per step until stopped; the rate and CPU over ``MEASURE_S`` after ``WARMUP_S``."""
     counts = [0] * len(steps)
+    transactions = [0] * len(steps)
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -229,6 +292,7 @@ def events_per_second(steps: list[Step]) -> float:
         try:
             while not stop.is_set():
                 counts[index] += step()
+                transactions[index] += 1
         except BaseException as exc:
             errors.append(exc)
             stop.set()
@@ -238,9 +302,21 @@ def events_per_second(steps: list[Step]) -> float:
         for thread in threads:
             thread.start()
         stop.wait(WARMUP_S)
-        before, started = sum(counts), time.perf_counter()
+        server_before = server.seconds()
+        before, txns_before, cpu_before, started = (
+            sum(counts),
+            sum(transactions),
+            time.process_time(),
+            time.perf_counter(),
+        )
         stop.wait(MEASURE_S)
-        after, ended = sum(counts), time.perf_counter()
+        after, txns_after, cpu_after, ended = (
+            sum(counts),
+            sum(transactions),
+            time.process_time(),
+            time.perf_counter(),
+        )
+        server_after = server.seconds()
     finally:
         stop.set()
         for thread in threads:
@@ -248,19 +324,41 @@ def events_per_second(steps: list[Step]) -> float:
                 thread.join()
     if errors:
         raise errors[0]
-    return (after - before) / (ended - started)
+    txns = max(txns_after - txns_before, 1)
+    server_us = (
+        None if server_before is None or server_after is None else (server_after - server_before) / txns * 1e6
+    )
+    return Round((after - before) / (ended - started), (cpu_after - cpu_before) / txns * 1e6, server_us)
 
 
-def interleaved_medians(workloads: dict[str, list[Step]]) -> dict[str, float]:
-    """Run every workload once per round, rotating the order; the median events/s of each."""
+def interleaved_medians(workloads: dict[str, list[Step]], server: ServerCpu) -> dict[str, Round]:
+    """Run every workload once per round, rotating the order; the medians of each figure per workload."""
     names = list(workloads)
-    results: dict[str, list[float]] = {name: [] for name in names}
+    results: dict[str, list[Round]] = {name: [] for name in names}
     for round_no in range(ROUNDS):
         for name in names[round_no % len(names) :] + names[: round_no % len(names)]:
-            rate = events_per_second(workloads[name])
-            results[name].append(rate)
-            print(f"  round {round_no + 1}: {name:<8} {rate:>10,.0f} events/s", flush=True)
-    return {name: statistics.median(rates) for name, rates in results.items()}
+            measured = measure_round(workloads[name], server)
+            results[name].append(measured)
+            server_text = (
+                ""
+                if measured.server_cpu_us_per_txn is None
+                else f", server {measured.server_cpu_us_per_txn:.0f}"
+            )
+            print(
+                f"  round {round_no + 1}: {name:<8} {measured.events_per_s:>10,.0f} events/s"
+                f" (CPU per transaction, µs: client {measured.client_cpu_us_per_txn:.0f}{server_text})",
+                flush=True,
+            )
+    return {name: _median_round(rounds) for name, rounds in results.items()}
+
+
+def _median_round(rounds: list[Round]) -> Round:
+    server = [r.server_cpu_us_per_txn for r in rounds if r.server_cpu_us_per_txn is not None]
+    return Round(
+        statistics.median(r.events_per_s for r in rounds),
+        statistics.median(r.client_cpu_us_per_txn for r in rounds),
+        statistics.median(server) if len(server) == len(rounds) else None,
+    )
 
 
 # -- batch import -------------------------------------------------------------------------------------
@@ -345,6 +443,13 @@ def verdict(met: bool) -> str:
     return "met" if met else "NOT met"
 
 
+def _cpu_text(figures: dict[str, Any], name: str) -> str:
+    """Client (and, when measured, server) CPU per transaction of one workload, in µs."""
+    client = figures["client_cpu_us_per_txn"][name]
+    server = figures["server_cpu_us_per_txn"][name]
+    return f"{client:.0f} µs client" + ("" if server is None else f" + {server:.0f} server")
+
+
 def report(figures: dict[str, Any]) -> None:
     """The readable table, the targets, then the JSON line (always last)."""
     load = figures["load_ms"]
@@ -354,6 +459,10 @@ def report(figures: dict[str, Any]) -> None:
         ("(c) ceiling, raw psycopg", f"{figures['ceiling_events_per_s']:,.0f} events/s"),
         ("    a / b", f"{figures['ratio_vs_stock']:.2f}"),
         ("    a / ceiling", f"{figures['ratio_vs_ceiling']:.2f}"),
+        *(
+            (f"    CPU per transaction, {name}", _cpu_text(figures, name))
+            for name in figures["client_cpu_us_per_txn"]
+        ),
         ("(d) batch import_events", f"{figures['batch_events_per_s']:,.0f} events/s"),
         *((f"(e) load {key.replace('_', ' with ')}", f"{load[key]:.2f} ms") for key in load),
     ]
@@ -403,13 +512,15 @@ def run(conninfo: str, env_for: Callable[[str], dict[str, str]], schemas: Schema
             f"{[len(s.payload) for s in samples]} bytes",
             flush=True,
         )
-        rates = interleaved_medians(
+        measured = interleaved_medians(
             {
                 "store": app_steps(store),
                 "stock": app_steps(stock),
                 "ceiling": ceiling_steps(stack, conninfo, schemas.ceiling, samples),
-            }
+            },
+            ServerCpu(conninfo),
         )
+        rates = {name: m.events_per_s for name, m in measured.items()}
     batch = batch_events_per_second(conninfo, schemas.store)
     with ExitStack() as stack:
         loader = closing(stack, store_app(env_for(schemas.store), snapshotting=True))
@@ -422,6 +533,12 @@ def run(conninfo: str, env_for: Callable[[str], dict[str, str]], schemas: Schema
         "ratio_vs_ceiling": round(rates["store"] / rates["ceiling"], 3),
         "batch_events_per_s": round(batch, 1),
         "load_ms": {key: round(value, 3) for key, value in loads.items()},
+        # One transaction is one save (a, b) or one 2-row INSERT (c); the client is this process.
+        "client_cpu_us_per_txn": {name: round(m.client_cpu_us_per_txn, 1) for name, m in measured.items()},
+        "server_cpu_us_per_txn": {
+            name: None if m.server_cpu_us_per_txn is None else round(m.server_cpu_us_per_txn, 1)
+            for name, m in measured.items()
+        },
     }
 
 
