@@ -243,9 +243,10 @@ class Rebuild:
     def _replay_in_parallel(
         self, target: ProjectionTarget[Any], workers: int, progress: RebuildProgress, stop: threading.Event
     ) -> ReplayStats | None:
-        """The partitions in ``workers`` processes (see :mod:`consumers.parallel_replay`).
+        """The partitions in ``workers`` processes, this one among them (see
+        :mod:`consumers.parallel_replay`).
 
-        Returns the workers' summed figures, None if ``stop`` interrupted them.
+        Returns the partitions' summed figures, None if ``stop`` interrupted them.
         """
         begun = time.monotonic()
         already = self._already_applied(target)
@@ -272,6 +273,7 @@ class Rebuild:
             self.projection,
             lambda: self.make_target(generation),
             self.store,
+            target=target,
             workers=workers,
             batch_size=self.options.batch_size,
             make_sink=make_sink,
