@@ -10,12 +10,12 @@ half of the client's cost of a row. The query is ``read_all``'s own never-skip c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 from uuid import UUID
 
 import orjson
-from psycopg import sql
+from psycopg import capabilities, sql
 
 from eventstore.records import NO_METADATA, EventMetadata, LogPosition, RecordedEvent
 from eventstore.store import LOG_AFTER, LOG_ORDER, EventStore
@@ -37,6 +37,7 @@ MAX_PARTITIONS = 256
 
 # Rows per chunk of a read's result: enough to keep the round trips' per-chunk cost negligible.
 _CHUNK_ROWS = 500
+_CHUNKED = capabilities.has_stream_chunked()
 
 
 def partition_bounds(index: int, count: int) -> tuple[UUID, UUID]:
@@ -85,7 +86,12 @@ class LogReader:
         with self.store.pool.connection() as conn, conn.cursor(binary=True) as cur:
             # Rows in chunks (libpq's chunked mode): each chunk's result is freed once its rows are
             # events, instead of the whole batch's result and row tuples living beside its events.
-            rows = cur.stream(self.query, params, size=_CHUNK_ROWS)
+            # A libpq older than 17 has no chunked mode: the whole result at once, as before.
+            rows: Iterable[Any]
+            if _CHUNKED:
+                rows = cur.stream(self.query, params, size=_CHUNK_ROWS)
+            else:
+                rows = cur.execute(self.query, params).fetchall()
             for sid, stype, version, eid, etype, schema, pos, xid, at, meta, payload in rows:
                 add(
                     event(
