@@ -11,11 +11,12 @@ Then, each in a process of its own so that peak memory is its own:
 (c) **Redis**: the same for ``order_cache`` (Order and Product events).
 
 A rebuild replays in ``--workers`` processes (``RebuildOptions.workers``, default 2 here; 1 is the
-single-process replay): each replays the streams of one partition of the log. Its rate is the
-events of the projection's stream types over the replay phase, all processes together.
+single-process replay): the rebuild's own and ``--workers`` - 1 forked workers, each replaying the
+streams of one partition of the log. Its rate is the events of the projection's stream types over
+the replay phase, all processes together.
 
 Rounds alternate; figures are medians. Peak RSS is the highest of the rebuild runs: a run's is its
-process's peak RSS, or with workers the peak of its RSS plus theirs, sampled together every 50 ms
+process's peak RSS, or with workers the peak of its RSS plus theirs, sampled together every 100 ms
 (an upper bound: forked workers share pages with their parent, and the sum counts those twice).
 The last line is one JSON object with the figures.
 """

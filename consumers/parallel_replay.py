@@ -2,7 +2,7 @@
 
 Why processes: the replay is Python work per event (decoding, handlers, coalescing) under one GIL,
 while the servers have CPU to spare; two processes use two cores. Streams are partitioned by their
-id (see ``projections.log_reader.PARTITION_CLAUSE``), so each stream's events are applied by one
+id (see ``projections.log_reader.partition_bounds``), so each stream's events are applied by one
 process, in order, and the per-stream versions keep each event's effect exactly-once as in a single
 replay. Each partition commits its own checkpoint with its batches (``log:<index>/<count>``), so an
 interrupted rebuild resumes every partition where it stopped.
@@ -11,8 +11,11 @@ Only for projections whose writes commute across streams (``Projection.parallel_
 keys of one stream, and shared rows or keys changed by increments only, whose sum does not depend on
 the order in which the processes' batches commit.
 
-The workers are forked: they inherit the projection and the target factory as they are (nothing is
-pickled), then open connections of their own (see :func:`_own_connections`).
+The calling process replays partition 0 itself and forks one worker per other partition: with two
+partitions, two processes in all. Each process holds its own copy of the modules (~90 MB resident,
+counted in each one's RSS although forked pages are shared until written), so a parent that only
+waited would add a third. The workers inherit the projection and the target factory as they are
+(nothing is pickled), then open connections of their own (see :func:`_own_connections`).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ def replay_in_parallel(
     make_target: Callable[[], ProjectionTarget[Any]],
     store: EventStore,
     *,
+    target: ProjectionTarget[Any],
     workers: int,
     batch_size: int,
     make_sink: SinkFactory,
@@ -70,11 +74,14 @@ def replay_in_parallel(
     on_progress: Callable[[ReplayStats], None],
     max_rate: float | None = None,
 ) -> bool:
-    """Replay the partitions ``0..workers-1`` in as many processes; True when all reached the end.
+    """Replay the partitions ``0..workers-1``; True when all reached the end.
 
-    False when ``stop`` was set first (every worker stops after its current batch). ``on_progress``
-    gets the sum of the workers' figures after each of their batches. ``max_rate`` (events/s) is
-    shared out evenly. Raises :class:`WorkerFailed` if a worker fails.
+    This process replays partition 0 into ``target`` while ``workers - 1`` forked processes replay
+    the others: ``workers`` processes in all, not a parent idling beside them (a process costs its
+    modules' ~90 MB whether it replays or waits). False when ``stop`` was set first (every process
+    stops after its current batch). ``on_progress`` gets the sum of all partitions' figures after
+    each of their batches. ``max_rate`` (events/s) is shared out evenly. Raises
+    :class:`WorkerFailed` if a worker fails; this process then stops after its current batch too.
     """
     context = multiprocessing.get_context("fork")
     reports: Any = context.Queue()
@@ -92,45 +99,121 @@ def replay_in_parallel(
             reports.put(_Report(index, stats, done=True, error=traceback.format_exc()))
             raise
 
-    processes = [
-        context.Process(target=work, args=(i,), name=f"replay-{projection.name}-{i}", daemon=True)
-        for i in range(workers)
-    ]
-    for process in processes:
+    processes = {
+        i: context.Process(target=work, args=(i,), name=f"replay-{projection.name}-{i}", daemon=True)
+        for i in range(1, workers)
+    }
+    for process in processes.values():
         process.start()
-    latest: dict[int, ReplayStats] = {}
-    finished: set[int] = set()
-    errors: list[str] = []
+    crew = _Crew(processes, reports)
     try:
-        while len(finished) < workers:
-            if stop.is_set():
-                halt.set()
-            try:
-                report: _Report = reports.get(timeout=0.2)
-            except queue.Empty:
-                for index, process in enumerate(processes):
-                    # Killed (OOM, a signal): it never said goodbye, and nothing more will come.
-                    if index not in finished and process.exitcode not in (None, 0):
-                        finished.add(index)
-                        errors.append(f"worker {index} died with exit code {process.exitcode}")
-                continue
-            latest[report.index] = report.stats
-            if report.done:
-                finished.add(report.index)
-                if report.error:
-                    errors.append(f"worker {report.index}:\n{report.error}")
-                    halt.set()  # the others stop too: the rebuild is resumed as a whole
-            on_progress(_total(latest.values()))
+        finished = _replay_own_partition(
+            projection, target, store, workers, batch_size, make_sink, share, stop, crew, on_progress
+        )
+        if finished:
+            while not crew.all_finished() and not crew.errors:
+                if stop.is_set():
+                    halt.set()
+                if crew.collect(timeout=0.2):
+                    on_progress(crew.total())
     finally:
         halt.set()
-        for process in processes:
+        for process in processes.values():
             process.join(timeout=60)
             if process.is_alive():
                 process.kill()
         reports.close()
-    if errors:
-        raise WorkerFailed("replay worker failed; run the rebuild again to resume:\n" + "\n".join(errors))
+    if crew.errors:
+        failures = "\n".join(crew.errors)
+        raise WorkerFailed(f"replay worker failed; run the rebuild again to resume:\n{failures}")
     return not stop.is_set()
+
+
+class _Crew:
+    """The forked workers as this process sees them: who finished, who failed, and every partition's
+    latest figures (partition 0's, this process's own, included)."""
+
+    def __init__(self, processes: dict[int, Any], reports: Any) -> None:
+        self.processes = processes
+        self.reports = reports
+        self.latest: dict[int, ReplayStats] = {}
+        self.finished: set[int] = set()
+        self.errors: list[str] = []
+
+    def collect(self, timeout: float) -> bool:
+        """Take the reports waiting (after ``timeout`` s for the first); True if any came."""
+        got = False
+        block = timeout > 0
+        while True:
+            try:
+                report: _Report = self.reports.get(timeout=timeout) if block else self.reports.get_nowait()
+            except queue.Empty:
+                break
+            block = False
+            got = True
+            self.latest[report.index] = report.stats
+            if report.done:
+                self.finished.add(report.index)
+                if report.error:
+                    self.errors.append(f"worker {report.index}:\n{report.error}")
+        # Only once the queue is drained: a worker's last report is in the pipe before it exits.
+        for index, process in self.processes.items():
+            # Killed (OOM, a signal): it never said goodbye, and nothing more will come.
+            if index not in self.finished and process.exitcode not in (None, 0):
+                self.finished.add(index)
+                self.errors.append(f"worker {index} died with exit code {process.exitcode}")
+        return got
+
+    def all_finished(self) -> bool:
+        return len(self.finished) == len(self.processes)
+
+    def total(self) -> ReplayStats:
+        return _total(self.latest.values())
+
+
+def _replay_own_partition(
+    projection: Projection[Any],
+    target: ProjectionTarget[Any],
+    store: EventStore,
+    workers: int,
+    batch_size: int,
+    make_sink: SinkFactory,
+    max_rate: float | None,
+    stop: threading.Event,
+    crew: _Crew,
+    on_progress: Callable[[ReplayStats], None],
+) -> bool:
+    """Partition 0 in this process, hearing from the workers between batches; False if halted."""
+    sink, close_sink = make_sink()
+    begun = time.monotonic()
+
+    def on_batch(stats: ReplayStats) -> None:
+        crew.latest[0] = stats
+        crew.collect(timeout=0)
+        on_progress(crew.total())
+        if max_rate:
+            ahead = stats.events_read / max_rate - (time.monotonic() - begun)
+            if ahead > 0:
+                stop.wait(ahead)
+        # A failed worker fails the rebuild: this partition stops after its batch, as on Ctrl-C.
+        if stop.is_set() or crew.errors:
+            raise _Halted
+
+    try:
+        replay(
+            projection,
+            target,
+            store,
+            batch_size=batch_size,
+            dead_letters=sink,
+            on_batch=on_batch,
+            partition=(0, workers),
+        )
+    except _Halted:
+        return False
+    finally:
+        close_sink()
+    return True
 
 
 def settle_log_checkpoint(target: ProjectionTarget[Any], workers: int) -> None:

@@ -101,8 +101,13 @@ def replay(
             last = LogPosition(events[-1].transaction_id, events[-1].position)
             pending = reader.submit(read, last)
             items: Sequence[SourceItem] = [SourceItem(e, e) for e in events]
+            count = len(events)
+            # Let go of the batch once applied: kept until the next one replaces it, it would be
+            # alive beside that one while the loop waits for it.
+            del events
             outcome = apply_batch(projection, target, items, {name: str(last)}, sink)
-            stats.events_read += len(events)
+            del items
+            stats.events_read += count
             stats.applied += outcome.applied
             stats.duplicates += outcome.duplicates
             stats.dead_letters += len(outcome.dead_letters)

@@ -146,7 +146,8 @@ def test_replay_workers_stop_when_the_rebuild_is_killed(pl: Pipeline, redis_conn
             DATALAYER_DEAD_LETTER_TOPIC_PREFIX=pl.dlq_prefix,
             TEST_PROJECTION_NAME=name,
         )
-        args = ["rebuild", "tests.cli_projections:IsolatedCache", "--workers", "2", "--batch-size", "5"]
+        # Three partitions: the rebuild replays one of them itself and forks a worker for each other.
+        args = ["rebuild", "tests.cli_projections:IsolatedCache", "--workers", "3", "--batch-size", "5"]
         # Throttled, so that the workers are still replaying when their parent is killed.
         process = subprocess.Popen(
             [str(BIN), *args, "--max-rate", "20"],

@@ -6,24 +6,29 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import redis
+from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy import Engine, delete, text, update
 
 from consumers.live import LiveConsumer, group_for
 from consumers.parallel_replay import WorkerFailed
 from consumers.rebuild import Rebuild, RebuildOptions, RebuildProgress
 from datalayer.settings import Settings
+from domain import Order
 from eventstore import EventStore
+from projections.events import ProjectedEvent
 from projections.generations import ACTIVE, BUILDING, REDIS_ALIASES, PostgresGenerations, RedisGenerations
+from projections.log_reader import partition_bounds
 from projections.orders import OrderCache, OrderCacheQueries, OrderQueries, OrderViews
 from projections.orders.tables import order_summaries
-from projections.projection import Projection
+from projections.projection import Projection, handles
 from projections.target import ProjectionTarget
-from projections.targets import PostgresTarget, RedisTarget
+from projections.targets import PostgresTarget, RedisTarget, SqlWrites
 from projections.verify import verify
 from tests.helpers import unique_name, wait_until
 from tests.pipeline import Pipeline, pipeline
@@ -308,3 +313,64 @@ def test_live_consumer_waits_for_a_rebuild_of_its_own_version(
         assert group_for(report.generation) == f"datalayer.projection.{v1.name}_v2"
     finally:
         models.cleanup()
+
+
+class _PoisonedViews(OrderViews):
+    """Order views whose Paid handler fails for the orders listed in ``poisoned``."""
+
+    poisoned: ClassVar[set[str]] = set()
+
+    @handles(Order.Paid)
+    def paid(self, event: ProjectedEvent, writes: SqlWrites) -> None:
+        if event.stream_id in self.poisoned:
+            raise RuntimeError(f"cannot apply payment of {event.stream_id}")
+        super().paid(event, writes)
+
+
+def test_a_parallel_rebuild_sends_every_partitions_dead_letters_to_the_topic(
+    pl: Pipeline, engine: Engine, redis_conn: redis.Redis
+) -> None:
+    models = ReadModels(
+        renamed(_PoisonedViews, unique_name("pv")), PostgresGenerations(engine), engine, redis_conn
+    )
+    try:
+        customer, (product,) = pl.seed_catalog(1)
+        # One poisoned order in each of the two partitions: the rebuild's own and its worker's.
+        bad: dict[int, str] = {}
+        while len(bad) < 2:
+            order = pl.commands.place_order(
+                {"customer_id": customer, "lines": [{"product_id": product, "quantity": 1}]}
+            ).stream_id
+            pl.commands.pay_order({"order_id": order, "amount": Decimal("2.50")})
+            half = 0 if order <= partition_bounds(0, 2)[1] else 1
+            bad.setdefault(half, str(order))
+        _PoisonedViews.poisoned.update(bad.values())
+        report = rebuild(pl, models, handover_timeout=0.5, workers=2).run(threading.Event())
+        assert report.activated and report.replayed.dead_letters == 2
+        letters = _dead_letters(pl, models.projection.name, 2)
+        assert sorted(dict(r.headers)["dlq.stream_id"].decode() for r in letters) == sorted(bad.values())
+        assert {dict(r.headers)["dlq.reason"] for r in letters} == {b"poison"}
+        assert {dict(r.headers)["dlq.source"] for r in letters} == {b"store"}
+    finally:
+        _PoisonedViews.poisoned.clear()
+        models.cleanup()
+
+
+def _dead_letters(pl: Pipeline, projection: str, count: int) -> list[Any]:
+    """The first ``count`` records of the projection's dead-letter topic."""
+    consumer = KafkaConsumer(enable_auto_commit=False, **pl.settings.kafka_config())
+    try:
+        tp = TopicPartition(f"{pl.dlq_prefix}{projection}", 0)
+        consumer.assign([tp])
+        consumer.seek_to_beginning(tp)
+        records: list[Any] = []
+
+        def enough() -> bool:
+            for batch in consumer.poll(timeout_ms=200).values():
+                records.extend(batch)
+            return len(records) >= count
+
+        wait_until(enough, timeout=60, what=f"{count} dead letters")
+        return records
+    finally:
+        consumer.close()
