@@ -336,8 +336,8 @@ class _PostgresBatch:
         return self._writes
 
     def applied_versions(self, stream_ids: Collection[str]) -> dict[str, int]:
-        texts = list(stream_ids)
-        ids = [as_uuid(sid) for sid in texts]
+        texts = [uuid_key(sid) for sid in stream_ids]  # how SqlWrites keys UUID columns
+        ids = [as_uuid(text) for text in texts]
         try:
             rows = self._conn.execute(_select_versions, {"ids": ids}).all()
         except DBAPIError as exc:
@@ -405,14 +405,14 @@ class _PostgresBatch:
             raise BatchConflict("another process applied some of this batch's streams first")
 
     def _prefetch(self, spec: TableSpec, stream_ids: Sequence[UUID], texts: Sequence[str]) -> None:
-        """Load the rows of ``spec`` keyed by these streams (UUIDs, and the same as text)."""
+        """Load the rows of ``spec`` keyed by these streams (UUIDs, and their canonical texts)."""
         normalize = spec.normalizers[0]
         if normalize is None:
             ids: list[Any] = [str(sid) for sid in stream_ids]
             keys: list[Any] = ids
         else:
             ids = list(stream_ids)
-            keys = [normalize(text) for text in texts]
+            keys = list(texts)
         table = spec.table
         stmt = self._target._statement(
             ("prefetch", spec),

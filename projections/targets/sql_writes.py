@@ -7,6 +7,7 @@ exists, after an optional delete. The target turns these into a few multi-row st
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping
 from decimal import Decimal
 from typing import Any
@@ -21,6 +22,7 @@ RowLoader = Callable[["TableSpec", Key], "Row | None"]
 _UUIDS: dict[Any, UUID] = {}
 _UUID_CACHE_LIMIT = 100_000
 _UUID_TEXTS: dict[str, str] = {}
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def as_uuid(value: Any) -> UUID:
@@ -46,7 +48,8 @@ def uuid_key(value: Any) -> str:
     if value.__class__ is str:
         found = _UUID_TEXTS.get(value)
         if found is None:
-            found = str(UUID(value))
+            # Most texts are canonical already (stream ids): checked in C, not parsed and printed.
+            found = value if _CANONICAL_UUID.fullmatch(value) else str(UUID(value))
             if len(_UUID_TEXTS) >= _UUID_CACHE_LIMIT:
                 _UUID_TEXTS.clear()
             _UUID_TEXTS[value] = found
@@ -149,7 +152,8 @@ class Change:
         other.deleted = self.deleted
         other.exists = self.exists
         other.values = dict(self.values)
-        other.sets = set(self.sets)
+        sets = self.sets
+        other.sets = sets if sets.__class__ is frozenset else set(sets)  # a frozenset is never changed
         other.adds = dict(self.adds)
         return other
 
@@ -229,13 +233,16 @@ class SqlWrites:
         if key.keys() != spec.pk_set:
             raise ValueError(f"table {spec.name!r}: increment key must be exactly the primary key {spec.pk}")
         spec.check_columns(amounts, "increment amounts")
-        _check_amounts(spec, amounts)
+        for amount in amounts.values():
+            if amount.__class__ is not int and amount.__class__ is not Decimal:
+                _check_amounts(spec, amounts)  # the rare other classes, and a precise error
+                break
         if defaults:
             spec.check_columns(defaults, "increment defaults")
             overlap = (defaults.keys() & amounts.keys()) | (defaults.keys() & spec.pk_set)
             if overlap:
                 raise ValueError(f"table {spec.name!r}: increment defaults overlap amounts or key: {overlap}")
-        if amounts.keys() & spec.pk_set:
+        if not spec.pk_set.isdisjoint(amounts):
             raise ValueError(f"table {spec.name!r}: cannot increment primary key columns")
         change = self._change(spec, k)
         if not change.exists:
