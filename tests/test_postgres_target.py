@@ -487,7 +487,12 @@ def test_uuid_keys_coalesce_whether_given_as_strings_or_uuids(engine: Engine, ta
 def test_flushed_values_are_stored_alike_by_copy_and_by_arrays(engine: Engine, staging: bool) -> None:
     """Values the binary COPY does not take as they are (a float for a NUMERIC) keep the array path;
     JSON None is JSON null either way, as SQLAlchemy binds it."""
-    target = PostgresTarget(engine, Orders(decoder=StubDecoder()), schema=unique_name("pgt"), staging=staging)
+    target = PostgresTarget(
+        engine,
+        Orders(decoder=StubDecoder()),
+        schema=unique_name("pgt"),
+        staging_min_rows=1 if staging else None,
+    )
     target.setup()
     try:
         a, b, c = new_stream(), new_stream(), new_stream()
@@ -607,13 +612,13 @@ def all_cells(conn: Connection) -> list[dict[str, Any]]:
     return [dict(row._mapping) for row in conn.execute(select(cells).order_by(cells.c.g, cells.c.k))]
 
 
-@pytest.fixture(params=[True, False], ids=["staged", "arrays"])
+@pytest.fixture(params=[1, None], ids=["staged", "arrays"])
 def cell_targets(
     engine: Engine, request: pytest.FixtureRequest
 ) -> Iterator[tuple[PostgresTarget, PostgresTarget]]:
     projection = Cells(decoder=StubDecoder())
     pair = (
-        PostgresTarget(engine, projection, schema=unique_name("pgt_cells"), staging=request.param),
+        PostgresTarget(engine, projection, schema=unique_name("pgt_cells"), staging_min_rows=request.param),
         PostgresTarget(engine, projection, schema=unique_name("pgt_ref")),
     )
     for t in pair:

@@ -90,6 +90,10 @@ _ARRAY_SAFE = (
 )
 _ARRAY_UNSAFE = (ARRAY, Enum, TypeDecorator)
 
+# The fewest rows of one table and column set that a flush sends by COPY (see sql_staging): below,
+# the round trip COPY adds costs more than the ~5 µs of client CPU per row it saves.
+STAGING_MIN_ROWS = 64
+
 
 class SqlProjection(Projection[SqlWrites]):
     """Base class of projections into PostgreSQL.
@@ -219,7 +223,12 @@ class PostgresTarget:
     """
 
     def __init__(
-        self, engine: Engine, projection: SqlProjection, schema: str | None = None, *, staging: bool = True
+        self,
+        engine: Engine,
+        projection: SqlProjection,
+        schema: str | None = None,
+        *,
+        staging_min_rows: int | None = STAGING_MIN_ROWS,
     ) -> None:
         metadata = getattr(type(projection), "metadata", None)
         if not isinstance(metadata, MetaData):
@@ -237,9 +246,10 @@ class PostgresTarget:
             self._specs[table] = TableSpec(table, index)
         self._prefetch = [self._prefetch_spec(name, metadata) for name in type(projection).prefetch]
         self._statements: dict[Any, Any] = {}
-        # Flushed rows go through COPY and a staging table (see sql_staging), which needs the
-        # TEMPORARY privilege on the database (PUBLIC has it unless revoked); False: arrays only.
-        self.staging = staging
+        # Groups of at least this many flushed rows go through COPY and a staging table (see
+        # sql_staging), which needs the TEMPORARY privilege on the database (PUBLIC has it unless
+        # revoked); None: array parameters only.
+        self.staging_min_rows = staging_min_rows
 
     def _prefetch_spec(self, name: str, metadata: MetaData) -> TableSpec:
         table = metadata.tables.get(name)
@@ -364,7 +374,7 @@ class _PostgresBatch:
         try:
             # Versions first: a batch that lost the race fails before flushing anything.
             self._write_versions(versions, checkpoints)
-            staging = StagingTables(conn) if self._target.staging else None
+            staging = StagingTables(conn) if self._target.staging_min_rows is not None else None
             _flush(self._target, conn, staging, self._writes)
             conn.commit()
             if staging is not None:
@@ -600,7 +610,10 @@ def _upsert_group(
         else:
             # UUID columns' keys are UUID texts: staged as they are, made UUIDs for the arrays.
             arrays.append([key for key, _ in rows] if single else [key[i] for key, _ in rows])
-    if staging is not None and plan.staged is not None:
+    # Small groups keep the one-statement array path: COPY costs a round trip more, which a live
+    # consumer's small batches at a steady rate would pay in latency for little CPU saved.
+    min_rows = target.staging_min_rows
+    if staging is not None and plan.staged is not None and min_rows is not None and len(rows) >= min_rows:
         staged = plan.staged.arrays(arrays)
         if staged is not None:
             staging.copy(plan.staged, staged)
