@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import redis
 from sqlalchemy import (
     Column,
+    Connection,
     DateTime,
     Engine,
     Index,
@@ -33,7 +34,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.schema import CreateSchema
+from sqlalchemy.schema import CreateIndex, CreateSchema
 
 from projections.privileges import grant_projection_schema
 from projections.projection import Projection
@@ -158,11 +159,21 @@ class PostgresGenerations:
         return next(g for g in self.generations(projection.name) if g.name == name)
 
     def activate(self, projection: Projection[Any], generation: str) -> None:
-        tables = [t.name for t in projection.metadata.sorted_tables]  # type: ignore[attr-defined]
+        """Switch readers to ``generation``, after building the indexes its replay deferred.
+
+        The switch's own transaction creates any index still missing too (a no-op when the step
+        before built them all): no reader ever queries a generation without its indexes.
+        """
+        metadata: MetaData = projection.metadata  # type: ignore[attr-defined]
+        tables = [t.name for t in metadata.sorted_tables]
+        build_deferred_indexes(self.engine, metadata, generation)
         quote = self.engine.dialect.identifier_preparer.quote
         alias, target = quote(projection.name), quote(generation)
         with self.engine.begin() as conn:
             _lock(conn, projection.name)
+            in_generation = {"schema_translate_map": {None: generation}}
+            for index in deferred_indexes(metadata):
+                conn.execute(CreateIndex(index, if_not_exists=True), execution_options=in_generation)
             where = _generations.c.projection == projection.name
             conn.execute(
                 update(_generations).where(where, _generations.c.status == ACTIVE).values(status=RETIRED)
@@ -195,6 +206,55 @@ class PostgresGenerations:
             ).rowcount
         if deleted != 1:
             raise LookupError(f"{generation!r} is not an inactive generation of {projection}")
+
+
+# --- secondary indexes of a generation being built ---
+#
+# Why: every row a replay writes updates each of the table's indexes, one entry at a time; the
+# order summaries have four secondary indexes, ~2.3 µs of the server's CPU per replayed event. A
+# building generation, which no reader sees, gets its tables with their primary keys and unique
+# indexes only; `activate` builds the rest (sorted in bulk, much cheaper) before readers switch.
+
+
+def deferred_indexes(metadata: MetaData) -> list[Index]:
+    """The indexes a building generation may lack: the non-unique ones, which no write relies on."""
+    return [index for table in metadata.sorted_tables for index in table.indexes if not index.unique]
+
+
+def is_building(conn: Connection, generation: str) -> bool:
+    """Whether ``generation`` is registered as ``building`` (no registry yet: it is not)."""
+    if conn.execute(select(func.to_regclass(literal(f"{REGISTRY_SCHEMA}.generations")))).scalar() is None:
+        return False
+    status = conn.execute(select(_generations.c.status).where(_generations.c.generation == generation))
+    return status.scalar() == BUILDING
+
+
+def build_deferred_indexes(engine: Engine, metadata: MetaData, schema: str) -> list[str]:
+    """Create the deferred indexes missing in ``schema``, each in a transaction of its own.
+
+    One transaction per index: a transaction holding a transaction id holds back the event store's
+    commit-ordered readers for as long as it lasts. Returns the names of the indexes built.
+    """
+    wanted = deferred_indexes(metadata)
+    if not wanted:
+        return []
+    with engine.connect() as conn:
+        present = set(
+            conn.execute(
+                text("SELECT indexname FROM pg_indexes WHERE schemaname = :schema"), {"schema": schema}
+            ).scalars()
+        )
+    built = []
+    for index in wanted:
+        if index.name in present:
+            continue
+        with engine.begin() as conn:
+            conn.execute(
+                CreateIndex(index, if_not_exists=True),
+                execution_options={"schema_translate_map": {None: schema}},
+            )
+        built.append(str(index.name))
+    return built
 
 
 def _row(row: Any) -> Generation:

@@ -18,7 +18,7 @@ from projections.events import ProjectedEvent
 from projections.projection import handles
 from projections.targets.postgres import SqlProjection
 from projections.targets.redis import RedisProjection, RedisWrites
-from projections.targets.sql_writes import SqlWrites, as_uuid
+from projections.targets.sql_writes import SqlWrites
 
 # eventsourcing creates the event classes at runtime, where mypy cannot see them.
 _Customer: Any = Customer
@@ -56,7 +56,7 @@ class CustomerDirectory(SqlProjection):
         writes.upsert(
             customers,
             {
-                "customer_id": as_uuid(event.stream_id),
+                "customer_id": event.stream_id,
                 "name": data.name,
                 "email": data.email,
                 "address": data.address,
@@ -76,7 +76,7 @@ class CustomerDirectory(SqlProjection):
 
     def _update(self, event: ProjectedEvent, writes: SqlWrites, **changes: Any) -> None:
         """Write the customer's whole row back with ``changes`` (an upsert inserts whole rows)."""
-        row = writes.get(customers, {"customer_id": as_uuid(event.stream_id)})
+        row = writes.get(customers, {"customer_id": event.stream_id})
         if row is None:
             # Unreachable when versions are checked (Registered is version 1); raising dead-letters it.
             raise LookupError(f"customer {event.stream_id} has no row to update")

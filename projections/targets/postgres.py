@@ -44,6 +44,7 @@ from sqlalchemy import (
     and_,
     any_,
     bindparam,
+    cast,
     delete,
     func,
     literal,
@@ -54,12 +55,14 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.schema import CreateSchema, DropSchema
+from sqlalchemy.schema import CreateIndex, CreateSchema, CreateTable, DropSchema
 
+from projections.generations import deferred_indexes, is_building
 from projections.privileges import grant_projection_schema
 from projections.projection import Projection
 from projections.target import BatchConflict, TargetBatch
-from projections.targets.sql_writes import Change, Key, Row, SqlWrites, TableSpec, as_uuid
+from projections.targets.sql_staging import StagedUpsert, StagingTables, staged_columns
+from projections.targets.sql_writes import Change, Key, Row, SqlWrites, TableSpec, as_uuid, uuid_key
 
 __all__ = ["PostgresTarget", "SqlProjection", "SqlWrites"]
 
@@ -86,6 +89,10 @@ _ARRAY_SAFE = (
     LargeBinary,
 )
 _ARRAY_UNSAFE = (ARRAY, Enum, TypeDecorator)
+
+# The fewest rows of one table and column set that a flush sends by COPY (see sql_staging): below,
+# the round trip COPY adds costs more than the ~5 µs of client CPU per row it saves.
+STAGING_MIN_ROWS = 64
 
 
 class SqlProjection(Projection[SqlWrites]):
@@ -146,7 +153,8 @@ _checkpoints = Table(
     Column("updated_at", DateTime(timezone=True), server_default=func.now()),
 )
 
-_select_versions = select(_versions.c.stream_id, _versions.c.version).where(
+# The ids come back as text, canonical as stream ids are: no UUID object built, nor str() of one.
+_select_versions = select(cast(_versions.c.stream_id, Text), _versions.c.version).where(
     _versions.c.stream_id == any_(bindparam("ids", type_=_BinaryArray(Uuid)))
 )
 _select_version = select(_versions.c.version).where(_versions.c.stream_id == bindparam("id", type_=Uuid))
@@ -214,7 +222,14 @@ class PostgresTarget:
     ``schema`` defaults to the projection's qualified name (``order_views_v1``).
     """
 
-    def __init__(self, engine: Engine, projection: SqlProjection, schema: str | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        projection: SqlProjection,
+        schema: str | None = None,
+        *,
+        staging_min_rows: int | None = STAGING_MIN_ROWS,
+    ) -> None:
         metadata = getattr(type(projection), "metadata", None)
         if not isinstance(metadata, MetaData):
             raise TypeError(f"projection {type(projection).__name__} must set metadata to a MetaData")
@@ -231,6 +246,10 @@ class PostgresTarget:
             self._specs[table] = TableSpec(table, index)
         self._prefetch = [self._prefetch_spec(name, metadata) for name in type(projection).prefetch]
         self._statements: dict[Any, Any] = {}
+        # Groups of at least this many flushed rows go through COPY and a staging table (see
+        # sql_staging), which needs the TEMPORARY privilege on the database (PUBLIC has it unless
+        # revoked); None: array parameters only.
+        self.staging_min_rows = staging_min_rows
 
     def _prefetch_spec(self, name: str, metadata: MetaData) -> TableSpec:
         table = metadata.tables.get(name)
@@ -251,8 +270,19 @@ class PostgresTarget:
             # which a consumer running as the projection's writer role does not have.
             if conn.execute(select(func.to_regnamespace(literal(f'"{self.schema}"')))).scalar() is None:
                 conn.execute(CreateSchema(self.schema, if_not_exists=True))
+            # A generation being built gets its non-unique indexes when it is activated, before
+            # any reader sees it (see projections.generations.deferred_indexes).
+            building = is_building(conn, self.schema)
             conn.execution_options(**self._translate)
-            self.projection.metadata.create_all(conn, checkfirst=True)
+            metadata = self.projection.metadata
+            if building:
+                deferred = set(deferred_indexes(metadata))
+                for table in metadata.sorted_tables:
+                    conn.execute(CreateTable(table, if_not_exists=True))
+                    for index in table.indexes - deferred:
+                        conn.execute(CreateIndex(index, if_not_exists=True))
+            else:
+                metadata.create_all(conn, checkfirst=True)
             _BOOKKEEPING.create_all(conn, checkfirst=True)
             grant_projection_schema(conn, self.projection.name, self.schema)
 
@@ -316,17 +346,18 @@ class _PostgresBatch:
         return self._writes
 
     def applied_versions(self, stream_ids: Collection[str]) -> dict[str, int]:
-        ids = [as_uuid(sid) for sid in stream_ids]
+        texts = [uuid_key(sid) for sid in stream_ids]  # how SqlWrites keys UUID columns
+        ids = [as_uuid(text) for text in texts]
         try:
             rows = self._conn.execute(_select_versions, {"ids": ids}).all()
         except DBAPIError as exc:
             if _retryable(exc):
                 raise BatchConflict(f"concurrent batch: {exc.orig}") from exc
             raise
-        applied = {str(sid): version for sid, version in rows}
+        applied: dict[str, int] = {sid: version for sid, version in rows}
         self._read.update(applied)
         for spec in self._target._prefetch:
-            self._prefetch(spec, ids)
+            self._prefetch(spec, ids, texts)
         return applied
 
     def start_event(self) -> None:
@@ -343,8 +374,11 @@ class _PostgresBatch:
         try:
             # Versions first: a batch that lost the race fails before flushing anything.
             self._write_versions(versions, checkpoints)
-            _flush(self._target, conn, self._writes)
+            staging = StagingTables(conn) if self._target.staging_min_rows is not None else None
+            _flush(self._target, conn, staging, self._writes)
             conn.commit()
+            if staging is not None:
+                staging.committed()
         except BatchConflict:
             conn.rollback()
             raise
@@ -380,9 +414,15 @@ class _PostgresBatch:
         if updated != len(known):
             raise BatchConflict("another process applied some of this batch's streams first")
 
-    def _prefetch(self, spec: TableSpec, stream_ids: Sequence[UUID]) -> None:
+    def _prefetch(self, spec: TableSpec, stream_ids: Sequence[UUID], texts: Sequence[str]) -> None:
+        """Load the rows of ``spec`` keyed by these streams (UUIDs, and their canonical texts)."""
         normalize = spec.normalizers[0]
-        ids: list[Any] = list(stream_ids) if normalize is not None else [str(sid) for sid in stream_ids]
+        if normalize is None:
+            ids: list[Any] = [str(sid) for sid in stream_ids]
+            keys: list[Any] = ids
+        else:
+            ids = list(stream_ids)
+            keys = list(texts)
         table = spec.table
         stmt = self._target._statement(
             ("prefetch", spec),
@@ -390,7 +430,7 @@ class _PostgresBatch:
                 table.c[spec.pk[0]] == any_(bindparam("ids", type_=_BinaryArray(table.c[spec.pk[0]].type)))
             ),
         )
-        found: dict[Key, Row | None] = dict.fromkeys(ids)
+        found: dict[Key, Row | None] = dict.fromkeys(keys)
         names = spec.column_names
         pk0 = spec.pk[0]
         for values in self._conn.execute(stmt, {"ids": ids}):
@@ -410,9 +450,18 @@ def _load_row(target: PostgresTarget, conn: Connection, spec: TableSpec, key: Ke
         )
 
     stmt = target._statement(("load", spec), build)
-    parts = (key,) if spec.pk0 is not None else key
+    parts = _db_key(spec, key)
     values = conn.execute(stmt, {f"k{i}": part for i, part in enumerate(parts)}).first()
     return None if values is None else dict(zip(spec.column_names, values, strict=True))
+
+
+def _db_key(spec: TableSpec, key: Key) -> tuple[Any, ...]:
+    """The parts of a normalized key as the database takes them: UUID columns' keys back to UUIDs."""
+    parts = (key,) if spec.pk0 is not None else key
+    return tuple(
+        part if normalize is not uuid_key else as_uuid(part)
+        for part, normalize in zip(parts, spec.normalizers, strict=True)
+    )
 
 
 def _retryable(exc: DBAPIError) -> bool:
@@ -429,14 +478,20 @@ def _columns(rows: list[tuple[Any, Any]], first: str, second: str) -> dict[str, 
 Signature = tuple[frozenset[str], frozenset[str], frozenset[str]]
 
 
-def _flush(target: PostgresTarget, conn: Connection, writes: SqlWrites) -> None:
+_NO_COLUMNS: frozenset[str] = frozenset()
+
+
+def _flush(
+    target: PostgresTarget, conn: Connection, staging: StagingTables | None, writes: SqlWrites
+) -> None:
     """Deletes, then one insert-or-update per column signature, for each table in dependency order."""
     for spec, changes in writes.pending():
         deleted = [key for key, change in changes.items() if change.deleted]
         if deleted:
             _sort(spec, deleted, pairs=False)
             stmt = target._statement(("delete", spec), partial(_delete_statement, spec))
-            conn.execute(stmt, {"keys": deleted})
+            parts = [_db_key(spec, key) for key in deleted]
+            conn.execute(stmt, {"keys": [part[0] for part in parts] if spec.pk0 is not None else parts})
         groups: dict[Signature, list[tuple[Key, Change]]] = {}
         odd: list[tuple[Key, Change]] = []
         for key, change in changes.items():
@@ -449,7 +504,13 @@ def _flush(target: PostgresTarget, conn: Connection, writes: SqlWrites) -> None:
             if adds and any(values[column] != amount for column, amount in adds.items()):
                 odd.append((key, change))
                 continue
-            signature = (frozenset(values), frozenset(change.sets), frozenset(adds))
+            # The shared frozensets of rows written whole (see SqlWrites._replace) are used as they are.
+            sets = change.sets
+            signature = (
+                spec.columns if len(values) == spec.width else frozenset(values),
+                sets if sets.__class__ is frozenset else frozenset(sets),
+                frozenset(adds) if adds else _NO_COLUMNS,
+            )
             group = groups.get(signature)
             if group is None:
                 groups[signature] = [(key, change)]
@@ -459,26 +520,22 @@ def _flush(target: PostgresTarget, conn: Connection, writes: SqlWrites) -> None:
         for signature in sorted(groups, key=lambda s: bool(s[2])):
             rows = groups[signature]
             _sort(spec, rows, pairs=True)
-            _upsert_group(target, conn, spec, signature, rows)
+            _upsert_group(target, conn, staging, spec, signature, rows)
         for key, change in odd:
             conn.execute(_single_upsert(spec, key, change))
 
 
 def _sort(spec: TableSpec, items: list[Any], pairs: bool) -> None:
-    """Sort keys, or (key, change) pairs, so that concurrent batches lock rows in the same order."""
-    if spec.pk0 is not None and spec.normalizers[0] is as_uuid:
-        items.sort(key=_pair_uuid_order if pairs else _uuid_order)  # UUID comparisons are slow
-        return
+    """Sort keys, or (key, change) pairs, so that concurrent batches lock rows in the same order.
+
+    UUID columns' keys are canonical texts (``uuid_key``), which sort as the UUIDs do.
+    """
     with suppress(TypeError):  # keys of mixed types: any order is correct, only less deadlock-proof
-        items.sort()
+        items.sort(key=_pair_key) if pairs else items.sort()
 
 
-def _uuid_order(key: UUID) -> int:
-    return key.int
-
-
-def _pair_uuid_order(pair: tuple[UUID, Change]) -> int:
-    return pair[0].int
+def _pair_key(pair: tuple[Key, Change]) -> Key:
+    return pair[0]
 
 
 def _delete_statement(spec: TableSpec) -> Executable:
@@ -490,55 +547,94 @@ def _delete_statement(spec: TableSpec) -> Executable:
     return delete(table).where(tuple_(*columns).in_(bindparam("keys", expanding=True)))
 
 
+class _UpsertPlan:
+    """How a group of rows of one table and column signature is flushed, built once per target."""
+
+    __slots__ = ("as_arrays", "columns", "staged", "staged_statement", "statement")
+
+    def __init__(self, spec: TableSpec, signature: Signature) -> None:
+        table = spec.table
+        names = signature[0]
+        self.columns = tuple(name for name in spec.column_names if name in names)
+        self.as_arrays = all(
+            isinstance(table.c[name].type, _ARRAY_SAFE) and not isinstance(table.c[name].type, _ARRAY_UNSAFE)
+            for name in self.columns
+        )
+        if self.as_arrays:
+            source = select(
+                *(
+                    func.unnest(bindparam(f"p{i}", type_=_BinaryArray(table.c[name].type)))
+                    for i, name in enumerate(self.columns)
+                )
+            )
+            self.statement = _on_conflict(
+                spec, signature, pg_insert(table).from_select(list(self.columns), source)
+            )
+        else:
+            self.statement = _on_conflict(spec, signature, pg_insert(table))
+        staged = staged_columns(spec, self.columns)
+        self.staged = (
+            None
+            if staged is None
+            else StagedUpsert(spec, self.columns, staged, _signature_name(spec, signature))
+        )
+        self.staged_statement = (
+            None
+            if self.staged is None
+            else _on_conflict(spec, signature, self.staged.statement(spec, self.columns))
+        )
+
+
+def _signature_name(spec: TableSpec, signature: Signature) -> str:
+    """The table and its column signature as text, the same in every process."""
+    return "|".join([spec.table.name, *(",".join(sorted(names)) for names in signature)])
+
+
 def _upsert_group(
     target: PostgresTarget,
     conn: Connection,
+    staging: StagingTables | None,
     spec: TableSpec,
     signature: Signature,
     rows: list[tuple[Key, Change]],
 ) -> None:
-    stmt, columns, as_arrays = target._statement(
-        (spec, signature), partial(_upsert_statement, spec, signature)
-    )
+    plan: _UpsertPlan = target._statement((spec, signature), partial(_UpsertPlan, spec, signature))
+    columns = plan.columns
     pk_index = {name: i for i, name in enumerate(spec.pk)}
     single = spec.pk0 is not None
     arrays: list[list[Any]] = []
     for name in columns:
         i = pk_index.get(name)
         if i is None:
-            array = [change.values[name] for _, change in rows]
-            if isinstance(spec.table.c[name].type, Uuid):
-                array = [None if value is None else as_uuid(value) for value in array]
-        elif single:
-            array = [key for key, _ in rows]
+            arrays.append([change.values[name] for _, change in rows])
         else:
-            array = [key[i] for key, _ in rows]
-        arrays.append(array)
-    if as_arrays:
-        conn.execute(stmt, {f"p{i}": array for i, array in enumerate(arrays)})
+            # UUID columns' keys are UUID texts: staged as they are, made UUIDs for the arrays.
+            arrays.append([key for key, _ in rows] if single else [key[i] for key, _ in rows])
+    # Small groups keep the one-statement array path: COPY costs a round trip more, which a live
+    # consumer's small batches at a steady rate would pay in latency for little CPU saved.
+    min_rows = target.staging_min_rows
+    if staging is not None and plan.staged is not None and min_rows is not None and len(rows) >= min_rows:
+        staged = plan.staged.arrays(arrays)
+        if staged is not None:
+            staging.copy(plan.staged, staged)
+            conn.execute(plan.staged_statement)  # type: ignore[arg-type]  # set with staged
+            return
+    for array, name in zip(arrays, columns, strict=True):
+        if isinstance(spec.table.c[name].type, Uuid):
+            array[:] = [None if value is None else as_uuid(value) for value in array]
+    if plan.as_arrays:
+        conn.execute(plan.statement, {f"p{i}": array for i, array in enumerate(arrays)})
     else:
-        conn.execute(stmt, [dict(zip(columns, row, strict=True)) for row in zip(*arrays, strict=True)])
+        conn.execute(
+            plan.statement, [dict(zip(columns, row, strict=True)) for row in zip(*arrays, strict=True)]
+        )
 
 
-def _upsert_statement(spec: TableSpec, signature: Signature) -> tuple[Executable, tuple[str, ...], bool]:
-    """``INSERT ... ON CONFLICT (pk) DO UPDATE`` for rows writing these columns, and how to bind them."""
+def _on_conflict(spec: TableSpec, signature: Signature, stmt: Any) -> Executable:
+    """``stmt`` (an INSERT of the signature's columns) with its ``ON CONFLICT (pk)`` clause."""
     table = spec.table
     names, sets, adds = signature
-    columns = tuple(name for name in spec.column_names if name in names)
-    as_arrays = all(
-        isinstance(table.c[name].type, _ARRAY_SAFE) and not isinstance(table.c[name].type, _ARRAY_UNSAFE)
-        for name in columns
-    )
-    if as_arrays:
-        source = select(
-            *(
-                func.unnest(bindparam(f"p{i}", type_=_BinaryArray(table.c[name].type)))
-                for i, name in enumerate(columns)
-            )
-        )
-        stmt = pg_insert(table).from_select(list(columns), source)
-    else:
-        stmt = pg_insert(table)
+    columns = [name for name in spec.column_names if name in names]
     update: dict[str, Any] = {
         name: stmt.excluded[name] for name in columns if name in sets and name not in spec.pk_set
     }
@@ -547,14 +643,16 @@ def _upsert_statement(spec: TableSpec, signature: Signature) -> tuple[Executable
             update[name] = func.coalesce(table.c[name], 0) + stmt.excluded[name]
     pk = [table.c[name] for name in spec.pk]
     if update:
-        return stmt.on_conflict_do_update(index_elements=pk, set_=update), columns, as_arrays
-    return stmt.on_conflict_do_nothing(index_elements=pk), columns, as_arrays
+        result: Executable = stmt.on_conflict_do_update(index_elements=pk, set_=update)
+        return result
+    result = stmt.on_conflict_do_nothing(index_elements=pk)
+    return result
 
 
 def _single_upsert(spec: TableSpec, key: Key, change: Change) -> Executable:
     table = spec.table
     values = dict(change.values)
-    values.update(zip(spec.pk, (key,) if spec.pk0 is not None else key, strict=True))
+    values.update(zip(spec.pk, _db_key(spec, key), strict=True))
     stmt = pg_insert(table).values(values)
     update: dict[str, Any] = {name: stmt.excluded[name] for name in change.sets if name not in spec.pk_set}
     for name, amount in change.adds.items():

@@ -7,6 +7,7 @@ exists, after an optional delete. The target turns these into a few multi-row st
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping
 from decimal import Decimal
 from typing import Any
@@ -20,6 +21,8 @@ RowLoader = Callable[["TableSpec", Key], "Row | None"]
 
 _UUIDS: dict[Any, UUID] = {}
 _UUID_CACHE_LIMIT = 100_000
+_UUID_TEXTS: dict[str, str] = {}
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def as_uuid(value: Any) -> UUID:
@@ -35,10 +38,40 @@ def as_uuid(value: Any) -> UUID:
     return found
 
 
+def uuid_key(value: Any) -> str:
+    """The key of a UUID column's value in Python: its canonical text (``str(UUID)``).
+
+    Why text and not the UUID: writes are looked up by key several times per event, and a UUID
+    hashes in Python (``UUID.__hash__``) while a string hashes once, in C, and keeps its hash.
+    Canonical UUID texts compare, and sort, as the UUIDs do. Stream ids arrive in that form.
+    """
+    if value.__class__ is str:
+        found = _UUID_TEXTS.get(value)
+        if found is None:
+            # Most texts are canonical already (stream ids): checked in C, not parsed and printed.
+            found = value if _CANONICAL_UUID.fullmatch(value) else str(UUID(value))
+            if len(_UUID_TEXTS) >= _UUID_CACHE_LIMIT:
+                _UUID_TEXTS.clear()
+            _UUID_TEXTS[value] = found
+        return found
+    return str(value if isinstance(value, UUID) else UUID(str(value)))
+
+
 class TableSpec:
     """What the write path needs to know about one table, computed once per target."""
 
-    __slots__ = ("column_names", "columns", "index", "name", "normalizers", "pk", "pk0", "pk_set", "table")
+    __slots__ = (
+        "column_names",
+        "columns",
+        "index",
+        "name",
+        "normalizers",
+        "pk",
+        "pk0",
+        "pk_set",
+        "table",
+        "width",
+    )
 
     def __init__(self, table: Table, index: int) -> None:
         pk = tuple(column.name for column in table.primary_key.columns)
@@ -52,10 +85,11 @@ class TableSpec:
         self.pk_set = frozenset(pk)
         self.column_names = tuple(column.name for column in table.columns)
         self.columns = frozenset(self.column_names)
+        self.width = len(self.column_names)
         # Keys are compared in Python (coalescing, prefetched rows), so a UUID column's key must be
-        # a UUID whether the handler passed a string or not.
+        # the same whether the handler passed a string or a UUID: its canonical text (uuid_key).
         self.normalizers: tuple[Callable[[Any], Any] | None, ...] = tuple(
-            as_uuid if isinstance(table.c[name].type, Uuid) else None for name in pk
+            uuid_key if isinstance(table.c[name].type, Uuid) else None for name in pk
         )
 
     def key(self, values: Mapping[str, Any]) -> Key:
@@ -92,25 +126,39 @@ class Change:
     After the optional delete, if ``exists``: insert ``values`` when the row is absent, otherwise
     overwrite the ``sets`` columns and add ``adds`` to theirs. Columns only in ``values`` are
     increment defaults: they apply only to an inserted row.
+
+    ``sets`` is the table's ``TableSpec.columns`` itself (a frozenset) after an upsert of every
+    column: shared, so it is replaced by a set of its own before anything adds to it.
     """
 
     __slots__ = ("adds", "deleted", "exists", "sets", "values")
 
+    deleted: bool
+    exists: bool
+    values: Row
+    sets: set[str] | frozenset[str]
+    adds: dict[str, Any]
+
     def __init__(self) -> None:
         self.deleted = False
         self.exists = False
-        self.values: Row = {}
-        self.sets: set[str] = set()
-        self.adds: dict[str, Any] = {}
+        self.values = {}
+        self.sets = set()
+        self.adds = {}
 
     def copy(self) -> Change:
-        other = Change()
+        # Why __new__: __init__'s five assignments would all be overwritten; this runs per event.
+        other = _new_change(Change)
         other.deleted = self.deleted
         other.exists = self.exists
         other.values = dict(self.values)
-        other.sets = set(self.sets)
+        sets = self.sets
+        other.sets = sets if sets.__class__ is frozenset else set(sets)  # a frozenset is never changed
         other.adds = dict(self.adds)
         return other
+
+
+_new_change = object.__new__
 
 
 def _plus(value: Any, amount: Any) -> Any:
@@ -149,10 +197,16 @@ class SqlWrites:
         spec = self._spec(table)
         key = spec.key(values)
         spec.check_columns(values, "upsert")
+        if len(values) == spec.width:
+            self._replace(spec, key, values)
+            return
         change = self._change(spec, key)
         if change.exists:
             change.values.update(values)
-            change.sets.update(values)
+            sets = change.sets
+            if sets.__class__ is not set:  # the spec's shared frozenset (see Change)
+                change.sets = sets = set(sets)
+            sets.update(values)
             adds = change.adds
             if adds:
                 for column in values:
@@ -179,13 +233,16 @@ class SqlWrites:
         if key.keys() != spec.pk_set:
             raise ValueError(f"table {spec.name!r}: increment key must be exactly the primary key {spec.pk}")
         spec.check_columns(amounts, "increment amounts")
-        _check_amounts(spec, amounts)
+        for amount in amounts.values():
+            if amount.__class__ is not int and amount.__class__ is not Decimal:
+                _check_amounts(spec, amounts)  # the rare other classes, and a precise error
+                break
         if defaults:
             spec.check_columns(defaults, "increment defaults")
             overlap = (defaults.keys() & amounts.keys()) | (defaults.keys() & spec.pk_set)
             if overlap:
                 raise ValueError(f"table {spec.name!r}: increment defaults overlap amounts or key: {overlap}")
-        if amounts.keys() & spec.pk_set:
+        if not spec.pk_set.isdisjoint(amounts):
             raise ValueError(f"table {spec.name!r}: cannot increment primary key columns")
         change = self._change(spec, k)
         if not change.exists:
@@ -212,6 +269,29 @@ class SqlWrites:
                 values[column] = _plus(values.get(column), amount)
                 adds[column] = amount
 
+    def _replace(self, spec: TableSpec, key: Key, values: Mapping[str, Any]) -> None:
+        """An upsert of every column: the row's pending change becomes a new one.
+
+        Equivalent to merging into the old change (every column overwritten, no increment left),
+        without copying it: the old object is not changed, so it is its own undo.
+        """
+        changes = self._changes.get(spec)
+        if changes is None:
+            changes = self._changes[spec] = {}
+        old = changes.get(key)
+        undo = self._undo
+        if undo is not None:
+            slot = (spec, key)
+            if slot not in undo:
+                undo[slot] = old
+        change = _new_change(Change)
+        change.deleted = old is not None and old.deleted
+        change.exists = True
+        change.values = dict(values)
+        change.sets = spec.columns
+        change.adds = {}
+        changes[key] = change
+
     def delete(self, table: Table, key: Mapping[str, Any]) -> None:
         """Delete the row; writes to it after this apply to a fresh row."""
         spec = self._spec(table)
@@ -237,12 +317,20 @@ class SqlWrites:
             row = None
         if not change.exists:
             return None if row is None else dict(row)
+        values = change.values
+        if change.sets is spec.columns and not change.adds:
+            # Every column written (see _replace): the pending values are the row, but for the
+            # stored row's own key values.
+            fresh = dict(values)
+            if row is not None:
+                for column in spec.pk:
+                    fresh[column] = row[column]
+            return fresh
         if row is None:
             fresh = dict.fromkeys(spec.column_names)
             fresh.update(change.values)
             return fresh
         row = dict(row)
-        values = change.values
         for column in change.sets:
             if column not in spec.pk_set:
                 row[column] = values[column]
