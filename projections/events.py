@@ -25,6 +25,7 @@ from eventsourcing.persistence import (
     Transcoding,
     UUIDAsHex,
     find_id_convertor,
+    pass_through_convertor,
 )
 from eventsourcing.utils import resolve_topic
 
@@ -274,6 +275,21 @@ class EventDecoder:
         """Attach this decoder to ``event`` (its payload is decoded on first use of ``event.data``)."""
         event._decode = self._bound
 
+    def prepare(self, event: ProjectedEvent) -> None:
+        """:meth:`check`, :meth:`bind` and ``event.data`` in one call: what the runner does for every
+        event it hands to a handler, so a bad payload is named as such before the handler runs.
+
+        Why one method: three calls and a property per event cost the consumer ~0.2 us. A subclass
+        that overrides :meth:`check` or :meth:`bind` gets the three calls instead (see the runner).
+        """
+        current = self._known.get(event.event_type)
+        if current is None or event.schema_version > current:
+            self.check(event)  # learns the type, or raises what check raises
+        decode = self._bound
+        event._decode = decode
+        if event._data is None:
+            event._data = decode(event)
+
     def _decode(self, event: ProjectedEvent) -> DomainEventProtocol[UUID]:
         """The payload as the domain event: the one decode entry point, fast path or mapper.
 
@@ -337,7 +353,10 @@ class EventDecoder:
             stored = StoredEvent(originator_id, event.stream_version, topic, state)  # type: ignore[arg-type]
             return self._revived.to_domain_event(stored)
         state.pop("class_version", None)
-        state["originator_id"] = convert(originator_id)
+        # Why the test: UUID ids (every aggregate of ours) pass through unchanged, and the call costs more.
+        state["originator_id"] = (
+            originator_id if convert is pass_through_convertor else convert(originator_id)
+        )
         state["originator_version"] = event.stream_version
         domain_event: DomainEventProtocol[UUID] = object.__new__(cls)
         object.__setattr__(domain_event, "__dict__", state)

@@ -8,7 +8,7 @@ one by one in order; the one exception is float arithmetic, see :meth:`RedisWrit
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from enum import Enum
 from typing import Any, Final
@@ -207,6 +207,11 @@ class RedisWrites:
     def keep_event(self) -> None:
         """The event's writes stay."""
         self._undo.clear()
+
+    def undo_clear(self) -> Callable[[], None]:
+        """What :meth:`start_event` and :meth:`keep_event` do, as one builtin bound method (the undo
+        list's own ``clear``; the list is never replaced) for callers that run it per event."""
+        return self._undo.clear
 
     def drop_event(self) -> None:
         """Take back every write since :meth:`start_event`, newest first."""
