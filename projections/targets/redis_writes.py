@@ -83,10 +83,12 @@ class RedisWrites:
             raise TypeError(f"hincrby {key!r} {field!r}: amount must be an int, got {amount!r}")
         current = fields.get(field, _MISSING)
         self._undo.append((fields, field, current))
-        if current is _MISSING:
-            fields[field] = _checked_int(amount, key, field)
-        elif type(current) is int:
-            fields[field] = _checked_int(current + amount, key, field)
+        if type(current) is int:
+            total = current + amount
+            # The range test inline (not _checked_int): this is the common case, once per counter.
+            fields[field] = total if _INT64_MIN <= total <= _INT64_MAX else _checked_int(total, key, field)
+        elif current is _MISSING:
+            fields[field] = amount if _INT64_MIN <= amount <= _INT64_MAX else _checked_int(amount, key, field)
         elif current is None:  # HDEL pending: the field counts from 0 again
             fields[field] = str(_checked_int(amount, key, field))
         else:
