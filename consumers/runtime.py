@@ -216,13 +216,11 @@ class ProjectionConsumer:
                 self._confirm(sink, stop)
         finally:
             self.running.clear()
-            if self._unconfirmed is not None:  # leaving on an error: the batch is simply not counted
-                self._unconfirmed = None
-                with contextlib.suppress(Exception):
-                    assert isinstance(target, DeferredCommits)
-                    target.confirm_commit()
+            self._unconfirmed = None  # leaving on an error: a batch not confirmed is not counted
             if deferred:
                 assert isinstance(target, DeferredCommits)
+                with contextlib.suppress(Exception):
+                    target.confirm_commit()  # a commit still out: its reply read, its connection back
                 target.defer_commits(False)
             if consumer is not None:
                 consumer.close(autocommit=False)
