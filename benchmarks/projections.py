@@ -357,21 +357,26 @@ class _TimedConsumer(ProjectionConsumer):
         self.first: float | None = None
         self.last: float | None = None
         self.cpu = 0.0  # process CPU seconds from the first batch to the last
+        self.stop = threading.Event()  # run()'s, once the first batch is applied
 
     def _apply(self, items: Any, checkpoints: dict[str, str], sink: Any, stop: Any) -> BatchOutcome:
         if self.first is None:
             self.first = time.perf_counter()
             self.cpu = -time.process_time()
-        outcome = super()._apply(items, checkpoints, sink, stop)
-        # apply_batch returned: these checkpoints are committed in the target with the batch.
-        self.records += len(items)
-        for source, position in checkpoints.items():
+        self.stop = stop
+        return super()._apply(items, checkpoints, sink, stop)
+
+    def _committed(self, batch: Any) -> None:
+        # Called once the target confirmed the batch's commit (with deferred commits, after the
+        # next poll): these checkpoints are stored in the target with the batch.
+        super()._committed(batch)
+        self.records += len(batch.items)
+        for source, position in batch.checkpoints.items():
             self.reached[source] = int(position)
-        if all(self.reached.get(source, 0) >= end for source, end in self.ends.items()):
+        if self.last is None and all(self.reached.get(s, 0) >= end for s, end in self.ends.items()):
             self.last = time.perf_counter()
             self.cpu += time.process_time()
-            stop.set()
-        return outcome
+            self.stop.set()
 
 
 def consumer_config(spec: Mapping[str, Any], group_id: str) -> ConsumerConfig:

@@ -289,7 +289,9 @@ class Rebuild:
         report: RebuildReport,
         stop: threading.Event,
     ) -> None:
-        config = dataclasses.replace(self.config, group_id=group_for(generation.name))
+        # Commits waited for: the catch-up ends when the target's checkpoints reach Kafka's ends, and
+        # its report counts the consumer's stats, which a deferred commit adds only when confirmed.
+        config = dataclasses.replace(self.config, group_id=group_for(generation.name), defer_commits=False)
         consumer = ProjectionConsumer(self.projection, target, self.kafka_config, config)
         consumer_stop = threading.Event()
         errors: list[BaseException] = []

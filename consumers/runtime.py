@@ -9,13 +9,14 @@ skipped by the per-stream versions in the target.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import psycopg
 import redis.exceptions
@@ -30,7 +31,7 @@ from eventstore.relay.topics import create_missing_topics, topic_for
 from projections.events import MalformedEvent, event_from_envelope
 from projections.projection import Projection
 from projections.runner import BatchOutcome, SourceItem, apply_batch
-from projections.target import ProjectionTarget
+from projections.target import BatchConflict, ProjectionTarget
 
 log = logging.getLogger("datalayer.consumer")
 
@@ -47,10 +48,22 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
 )
 
+# What a batch's deferred commit may fail with and still be applied again at once.
+_APPLY_AGAIN: tuple[type[BaseException], ...] = (BatchConflict, *TRANSIENT_ERRORS)
 
 # Called once per applied batch (never per event) with the consumer, the batch's outcome and the
 # seconds it took to apply: how datalayer.metrics counts without touching the hot path.
 BatchObserver = Callable[["ProjectionConsumer", BatchOutcome, float], None]
+
+
+@runtime_checkable
+class DeferredCommits(Protocol):
+    """A target whose commit can be sent without waiting for it (``RedisTarget``): see
+    :attr:`ConsumerConfig.defer_commits`."""
+
+    def defer_commits(self, enabled: bool = True) -> None: ...
+
+    def confirm_commit(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,10 @@ class ConsumerConfig:
     # Seconds a consumer may hold no partition, in a group with fewer members than partitions,
     # before it rejoins with a new client (see consumers.assignment_watch).
     unassigned_limit_s: float = 30.0
+    # With a target that can (DeferredCommits): send a batch's commit and poll Kafka for the next
+    # batch while the target runs it, then confirm it before applying the next one. False waits
+    # for every commit before polling again.
+    defer_commits: bool = True
 
     def group_for(self, projection: Projection[Any]) -> str:
         """One consumer group per projection version: ``datalayer.projection.order_views_v1``."""
@@ -130,6 +147,12 @@ class ProjectionConsumer:
         self.stats = ConsumerStats()
         self.running = threading.Event()
         self.kafka_consumer: KafkaConsumer | None = None
+        # The batch whose commit was sent and not yet confirmed (deferred commits only), and an
+        # error met while confirming it in a rebalance callback (raised after the poll).
+        self._unconfirmed: _Batch | None = None
+        self._rebalance_error: BaseException | None = None
+        self._sink: KafkaDeadLetters | None = None
+        self._stop = threading.Event()
 
     def run(self, stop: threading.Event) -> None:
         """Consume, apply and checkpoint batches; return after the batch in hand when ``stop`` is set.
@@ -143,17 +166,32 @@ class ProjectionConsumer:
         sink = KafkaDeadLetters(producer, self.dead_letter_topic, self.projection.name)
         group = self.config.group_for(self.projection)
         watch = AssignmentWatch(group, self.topics, self.kafka_config, self.config.unassigned_limit_s)
+        target = self.target
+        deferred = self.config.defer_commits and isinstance(target, DeferredCommits)
+        self._sink, self._stop = sink, stop
+        self._unconfirmed = self._rebalance_error = None
         consumer: KafkaConsumer | None = None
         try:
+            if deferred:
+                assert isinstance(target, DeferredCommits)
+                target.defer_commits(True)
             consumer = self._join(group, stop)
             if self.config.freeze_gc:
                 _freeze_startup_objects()
             self.running.set()
             log.info("consumer %s: consuming %s", self.projection.qualified_name, ", ".join(self.topics))
             while not stop.is_set():
-                polled = consumer.poll(timeout_ms=self.config.poll_timeout_ms)
+                # While a commit is out, take only what the client holds already: the batch is
+                # confirmed right after, not a poll timeout later.
+                timeout = 0 if self._unconfirmed is not None else self.config.poll_timeout_ms
+                polled = consumer.poll(timeout_ms=timeout)
+                try:
+                    self._raise_rebalance_error()
+                    self._confirm(sink, stop)
+                except _Stopped:
+                    break
                 if not polled:
-                    if watch.stuck(consumer):
+                    if timeout and watch.stuck(consumer):
                         consumer.close(autocommit=False)
                         consumer = None
                         self.stats.assigned.clear()
@@ -161,22 +199,89 @@ class ProjectionConsumer:
                         consumer = self._join(group, stop)
                         watch.reset()
                     continue
+                if stop.is_set():
+                    break  # the records just polled stay for whoever resumes from the checkpoints
                 items, checkpoints, offsets = _read(polled)
                 started = time.perf_counter()
                 try:
                     outcome = self._apply(items, checkpoints, sink, stop)
                 except _Stopped:
                     break
-                self.stats.add(outcome)
-                if self.config.observer is not None:
-                    self.config.observer(self, outcome, time.perf_counter() - started)
-                # Only for lag tools: the offsets that matter were committed with the batch.
-                consumer.commit_async(offsets=offsets)
+                batch = _Batch(items, checkpoints, offsets, outcome, time.perf_counter() - started)
+                if deferred:
+                    self._unconfirmed = batch  # confirmed after the next poll
+                else:
+                    self._committed(batch)
+            with contextlib.suppress(_Stopped):
+                self._confirm(sink, stop)
         finally:
             self.running.clear()
+            self._unconfirmed = None  # leaving on an error: a batch not confirmed is not counted
+            if deferred:
+                assert isinstance(target, DeferredCommits)
+                with contextlib.suppress(Exception):
+                    target.confirm_commit()  # a commit still out: its reply read, its connection back
+                target.defer_commits(False)
             if consumer is not None:
                 consumer.close(autocommit=False)
             producer.close(timeout=10)
+
+    def _confirm(self, sink: KafkaDeadLetters, stop: threading.Event) -> None:
+        """Confirm the batch whose commit was sent last, if any; if it did not commit, or may not have,
+        apply it again, waiting for its commit this time.
+
+        Applying it again is exact either way: the target's versions skip whatever a commit that
+        ran after all applied, and the batch's records are still in hand (the consumer's position
+        is already past them). Its dead letters may be sent twice, as on any retried batch.
+        """
+        batch = self._unconfirmed
+        if batch is None:
+            return
+        self._unconfirmed = None
+        target = self.target
+        assert isinstance(target, DeferredCommits)
+        started = time.perf_counter()
+        try:
+            target.confirm_commit()
+        except _APPLY_AGAIN as exc:
+            log.warning(
+                "consumer %s: a batch's commit failed (%s: %s); applying it again",
+                self.projection.qualified_name,
+                type(exc).__name__,
+                str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+            )
+            target.defer_commits(False)
+            try:
+                batch.outcome = self._apply(batch.items, batch.checkpoints, sink, stop)
+            finally:
+                target.defer_commits(True)
+        batch.seconds += time.perf_counter() - started
+        self._committed(batch)
+
+    def _committed(self, batch: _Batch) -> None:
+        """``batch`` is applied and its checkpoints stored in the target: count it, tell the observer."""
+        self.stats.add(batch.outcome)
+        if self.config.observer is not None:
+            self.config.observer(self, batch.outcome, batch.seconds)
+        # Only for lag tools: the offsets that matter were committed with the batch.
+        if self.kafka_consumer is not None:
+            self.kafka_consumer.commit_async(offsets=batch.offsets)
+
+    def _confirm_in_rebalance(self) -> None:
+        """Before partitions change hands, the batch in flight is confirmed (or applied again), so the
+        next owner's seek finds its checkpoints. An error is kept and raised after the poll:
+        kafka-python only logs what a rebalance callback raises."""
+        if self._unconfirmed is None or self._sink is None:
+            return
+        try:
+            self._confirm(self._sink, self._stop)
+        except BaseException as exc:
+            self._rebalance_error = exc
+
+    def _raise_rebalance_error(self) -> None:
+        error, self._rebalance_error = self._rebalance_error, None
+        if error is not None:
+            raise error
 
     def _join(self, group: str, stop: threading.Event) -> KafkaConsumer:
         """A new client in ``group``, subscribed, seeking to the target's checkpoints on assignment."""
@@ -320,12 +425,26 @@ class _SeekToTargetCheckpoints(ConsumerRebalanceListener):  # type: ignore[misc]
         self.consumer = consumer
 
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        # Nothing to flush: every batch is committed to the target before the next poll.
+        # A commit sent before this poll is confirmed first; nothing else is pending.
+        self.owner._confirm_in_rebalance()
         self.owner.stats.assigned -= set(revoked)
         self.owner.target.forget_applied_versions()
 
     def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        self.owner._confirm_in_rebalance()
         self.owner.seek_to_checkpoints(self.consumer, assigned)
+
+
+@dataclass(slots=True)
+class _Batch:
+    """A batch applied by the consumer: its records, checkpoints and Kafka offsets, its outcome, and
+    the seconds spent applying (and confirming) it."""
+
+    items: Sequence[SourceItem]
+    checkpoints: dict[str, str]
+    offsets: dict[TopicPartition, OffsetAndMetadata]
+    outcome: BatchOutcome
+    seconds: float
 
 
 def _read(

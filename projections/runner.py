@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from projections.events import MalformedEvent, ProjectedEvent
+from projections.events import EventDecoder, MalformedEvent, ProjectedEvent
 from projections.projection import Projection
 from projections.target import BatchConflict, ProjectionTarget
 
@@ -82,6 +82,33 @@ def apply_batch(
     raise AssertionError("unreachable")
 
 
+def _handler_lookup(projection: Projection[W]) -> Callable[[str], Callable[[ProjectedEvent, W], None] | None]:
+    """``projection.handler_for``, or its dict's own ``get`` when the projection does not override it
+    (a builtin call per event instead of a method and a lookup)."""
+    if type(projection).handler_for is Projection.handler_for:
+        return projection._bound.get
+    return projection.handler_for
+
+
+def _preparer(decoder: EventDecoder) -> Callable[[ProjectedEvent], None]:
+    """``decoder.prepare`` (check, bind and decode in one call), unless the decoder has none, or a
+    subclass overrides ``check`` or ``bind`` but not it: then those, and ``data``, one by one."""
+    kind = type(decoder)
+    own = getattr(kind, "prepare", None)
+    if own is not None and (
+        own is not EventDecoder.prepare
+        or (kind.check is EventDecoder.check and kind.bind is EventDecoder.bind)
+    ):
+        return decoder.prepare
+
+    def prepare(event: ProjectedEvent) -> None:
+        decoder.check(event)
+        decoder.bind(event)
+        event.data  # noqa: B018 -- decoding is the point
+
+    return prepare
+
+
 def _apply_once(
     projection: Projection[W],
     target: ProjectionTarget[W],
@@ -94,9 +121,9 @@ def _apply_once(
     initial = projection.initial_version
     # Why the local names: this loop runs once per event, and each of these would otherwise be an
     # attribute lookup (and a new bound method) per event.
-    handler_for = projection.handler_for
+    handler_for = _handler_lookup(projection)
     check = decoder.check
-    bind = decoder.bind
+    prepare = _preparer(decoder)
     with target.batch() as batch:
         stream_ids = {item.event.stream_id for item in items if item.event is not None}
         applied = batch.applied_versions(stream_ids) if stream_ids else {}
@@ -140,11 +167,11 @@ def _apply_once(
                 continue
             handler = handler_for(event.event_type)
             try:
-                check(event)
                 if handler is None:
+                    check(event)
                     continue
-                bind(event)
-                event.data  # noqa: B018 -- decoded up front, so a bad payload is named as such
+                # Checked, bound and decoded up front, so a bad payload is named as such.
+                prepare(event)
             except MalformedEvent as exc:
                 dead.append(DeadLetter(exc.reason, str(exc), event, item.original))
                 continue

@@ -7,6 +7,7 @@ projection runs the Redis writes each event's payload lists.
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 
+from consumers.runtime import ConsumerConfig, ProjectionConsumer, _Batch
 from projections.events import ProjectedEvent
 from projections.projection import handles
 from projections.runner import BatchOutcome, DeadLetter, SourceItem, apply_batch
@@ -451,6 +453,97 @@ def test_forgotten_versions_are_read_again_so_no_gap_is_seen(
     outcome, dead = apply(projection, target, [item(stream, 3, [("hincrby", ("h", "n", 1))])], position="3")
     assert (outcome.applied, outcome.duplicates, dead) == (1, 0, [])
     assert target.applied_version(stream) == 3
+
+
+# -- deferred commits (the consumer runtime polls Kafka while Redis runs the script) ------------
+
+
+def test_a_deferred_commit_counts_once_confirmed_and_one_waits_at_a_time(
+    setup: tuple[OpsProjection, RedisTarget], redis_conn: redis.Redis
+) -> None:
+    projection, target = setup
+    stream = str(uuid.uuid4())
+    target.defer_commits(True)
+    apply(projection, target, [item(stream, 1, [("hincrby", ("h", "n", 1))])], position="1")
+    with pytest.raises(RuntimeError, match="awaits"):
+        apply(projection, target, [item(stream, 2, [("hincrby", ("h", "n", 1))])], position="2")
+    with pytest.raises(RuntimeError, match="awaits"):
+        target.defer_commits(False)
+    assert target._known == {}  # remembered only once confirmed
+    target.confirm_commit()
+    target.confirm_commit()  # nothing awaits: a no-op
+    assert target._known == {stream: 1}
+    assert (target.applied_version(stream), target.checkpoints()) == (1, {"test:0": "1"})
+    apply(projection, target, [item(stream, 2, [("hincrby", ("h", "n", 1))])], position="2")
+    target.confirm_commit()
+    target.defer_commits(False)
+    assert redis_conn.hget(target.key("h"), "n") == b"2"
+    assert (target.applied_version(stream), target.checkpoints()) == (2, {"test:0": "2"})
+
+
+def test_a_deferred_commit_that_conflicts_raises_when_confirmed_and_writes_nothing(
+    setup: tuple[OpsProjection, RedisTarget], redis_conn: redis.Redis
+) -> None:
+    projection, target = setup
+    stream = str(uuid.uuid4())
+    apply(projection, target, [item(stream, 1, [("hset", ("h", {"a": "1"}))])], position="1")
+    before = snapshot(redis_conn, target.prefix)
+    target.defer_commits(True)
+    with target.batch() as batch:
+        assert batch.applied_versions([stream]) == {stream: 1}
+        batch.writes.hset("h", {"a": "2"})
+        redis_conn.hset(target.key("meta:versions"), stream, "2")  # another process, meanwhile
+        batch.commit({stream: 2}, {"test:0": "2"})  # sent: the outcome is read when confirmed
+    with pytest.raises(BatchConflict, match=stream):
+        target.confirm_commit()
+    target.defer_commits(False)
+    assert snapshot(redis_conn, target.prefix) == before
+    assert target.checkpoints() == {"test:0": "1"}
+    assert target._known == {}
+
+
+def test_a_deferred_commit_runs_the_script_when_the_server_does_not_have_it(
+    setup: tuple[OpsProjection, RedisTarget], redis_conn: redis.Redis
+) -> None:
+    projection, target = setup
+    stream = str(uuid.uuid4())
+    redis_conn.script_flush()  # as after a restart: EVALSHA answers NOSCRIPT and runs nothing
+    target.defer_commits(True)
+    apply(projection, target, [item(stream, 1, [("hincrby", ("h", "n", 1))])], position="1")
+    target.confirm_commit()
+    target.defer_commits(False)
+    assert redis_conn.hget(target.key("h"), "n") == b"1"
+    assert (target.applied_version(stream), target.checkpoints()) == (1, {"test:0": "1"})
+
+
+def test_the_consumer_applies_again_a_batch_whose_deferred_commit_conflicted(
+    setup: tuple[OpsProjection, RedisTarget], redis_conn: redis.Redis
+) -> None:
+    projection, target = setup
+    stream = str(uuid.uuid4())
+    consumer = ProjectionConsumer(projection, target, {}, ConsumerConfig())
+    target.defer_commits(True)
+
+    def other_process_applies_version_1(event: ProjectedEvent) -> None:
+        projection.hook = None
+        redis_conn.hincrby(target.key("h"), "n", 1)
+        redis_conn.hset(target.key("meta:versions"), stream, "1")
+
+    projection.hook = other_process_applies_version_1
+    items = [item(stream, 1, [("hincrby", ("h", "n", 1))]), item(stream, 2, [("hincrby", ("h", "n", 1))])]
+    dead: list[DeadLetter] = []
+    stop = threading.Event()
+    # The runner's commit only sent the script, so the conflict shows when the consumer confirms it.
+    outcome = consumer._apply(items, {"test:0": "2"}, dead.extend, stop)  # type: ignore[arg-type]
+    assert projection.calls == [1, 2] and outcome.applied == 2
+    consumer._unconfirmed = _Batch(items, {"test:0": "2"}, {}, outcome, 0.0)
+    consumer._confirm(dead.extend, stop)  # type: ignore[arg-type]
+    assert consumer._unconfirmed is None
+    assert projection.calls == [1, 2, 2]  # applied again: version 1 is now a duplicate
+    assert (consumer.stats.applied, consumer.stats.duplicates, dead) == (1, 1, [])
+    assert redis_conn.hget(target.key("h"), "n") == b"2"
+    assert (target.applied_version(stream), target.checkpoints()) == (2, {"test:0": "2"})
+    target.defer_commits(False)
 
 
 # -- key types and rejected writes --------------------------------------------------------------

@@ -109,4 +109,8 @@ class OrderCache(RedisProjection):
         writes.zincrby(BEST_SELLERS, event.stream_id, quantity)
 
     def _status(self, event: ProjectedEvent, writes: RedisWrites, status: OrderStatus) -> None:
-        writes.hset(ORDER_STATUS, {event.stream_id: status.value})
+        writes.hset(ORDER_STATUS, {event.stream_id: _STATUS_TEXT[status]})
+
+
+# Each status's text, looked up once: an enum's ``.value`` is a descriptor call on every event.
+_STATUS_TEXT: dict[OrderStatus, str] = {status: status.value for status in OrderStatus}

@@ -8,12 +8,14 @@ readers never see half a batch, and a conflicting batch writes nothing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 import redis
+import redis.exceptions
 
 from projections.projection import Projection
 from projections.target import BatchConflict
@@ -140,6 +142,10 @@ class RedisTarget:
         # guess: the script still checks every one before writing, and a conflict forgets them all.
         # Forgotten too on every partition assignment (see forget_applied_versions).
         self._known: dict[str, int] = {}
+        # Deferred confirmation (see defer_commits): whether commits only send their script, and
+        # the one sent and not yet confirmed.
+        self._defer = False
+        self._pending: _PendingCommit | None = None
 
     def key(self, relative: str) -> str:
         """The absolute Redis key of a key a handler wrote as ``relative``: what queries read."""
@@ -186,6 +192,45 @@ class RedisTarget:
         if chunk:
             self.client.unlink(*chunk)
 
+    def defer_commits(self, enabled: bool = True) -> None:
+        """With ``enabled``, a batch's commit sends its script and returns without waiting for Redis;
+        :meth:`confirm_commit` then reads the outcome. Without, commits wait (the default).
+
+        Why: the consumer runtime polls Kafka for the next batch while Redis runs this one's script,
+        instead of waiting for it first. Only the wait moves: the script and what it checks and
+        writes are the same, and the runtime confirms a batch before it applies the next one, so
+        every batch still reads versions that the previous one's commit left.
+        """
+        if not enabled and self._pending is not None:
+            raise RuntimeError("a commit awaits confirm_commit()")
+        self._defer = enabled
+
+    def confirm_commit(self) -> None:
+        """Wait for the commit sent last, if it awaits confirmation, and raise what a waiting commit
+        would have raised: :class:`BatchConflict`, or the connection's error (when the script may
+        or may not have run: applying the batch again is safe, the versions skip what it did)."""
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        pool = self.client.connection_pool
+        try:
+            try:
+                result: list[Any] | None = pending.connection.read_response()
+            except redis.exceptions.NoScriptError:
+                result = None  # a restarted or other server without the script: it did not run
+        except BaseException:
+            self._known.clear()  # the script may have run: remember nothing that may be stale
+            pending.connection.disconnect()
+            raise
+        finally:
+            pool.release(pending.connection)
+        if result is None:
+            self._commit(pending.payload)  # loads the script, runs it and waits
+        else:
+            self._check(result)
+        pending.committed()
+
     def _commit(self, payload: bytes) -> None:
         try:
             result: list[Any] = self._commit_script(
@@ -196,6 +241,34 @@ class RedisTarget:
         except BaseException:
             self._known.clear()  # the script may have run: remember nothing that may be stale
             raise
+        self._check(result)
+
+    def _send(self, payload: bytes, committed: Callable[[], None]) -> None:
+        """Send the commit script's EVALSHA on a connection of its own and return: confirm_commit()
+        reads the reply, and calls ``committed`` once the batch is known to be applied."""
+        if self._pending is not None:
+            raise RuntimeError("a commit already awaits confirm_commit()")
+        pool = self.client.connection_pool
+        connection: Any = pool.get_connection()  # redis-py leaves its methods untyped
+        try:
+            connection.send_command(
+                "EVALSHA",
+                self._commit_script.sha,
+                2,
+                self._versions_key,
+                self._checkpoints_key,
+                self.prefix,
+                payload,
+            )
+        except BaseException:
+            self._known.clear()
+            connection.disconnect()
+            pool.release(connection)
+            raise
+        self._pending = _PendingCommit(connection, payload, committed)
+
+    def _check(self, result: list[Any]) -> None:
+        """Raise :class:`BatchConflict` if the script refused the batch; log writes that failed."""
         if result[0] == 1:
             self._known.clear()
             raise BatchConflict(f"stream {_text(result[1])} was applied by another process meanwhile")
@@ -212,11 +285,29 @@ class RedisTarget:
 class _RedisBatch:
     """One batch of a :class:`RedisTarget`: the versions it read and the writes it coalesces."""
 
-    __slots__ = ("_committed", "_ids", "_seen", "_target", "writes")
+    __slots__ = (
+        "_committed",
+        "_ids",
+        "_seen",
+        "_target",
+        "drop_event",
+        "keep_event",
+        "start_event",
+        "writes",
+    )
+
+    # The per-event isolation the runner calls around every handler, straight into the writes:
+    # start_event and keep_event forget the undo records (a builtin call each, no Python frame),
+    # drop_event takes the event's writes back. See RedisWrites.start_event and its neighbours.
+    start_event: Callable[[], None]
+    keep_event: Callable[[], None]
+    drop_event: Callable[[], None]
 
     def __init__(self, target: RedisTarget) -> None:
         self._target = target
-        self.writes = RedisWrites()
+        self.writes = writes = RedisWrites()
+        self.start_event = self.keep_event = writes.undo_clear()
+        self.drop_event = writes.drop_event
         self._ids: list[str] = []
         self._seen: list[str] = []  # the version each of _ids had, "" for none
         self._committed = False
@@ -257,18 +348,6 @@ class _RedisBatch:
                     found[sid] = int(text)
         return found
 
-    def start_event(self) -> None:
-        """Writes from here on belong to one event."""
-        self.writes.start_event()
-
-    def keep_event(self) -> None:
-        """The event's handler succeeded: its writes stay in the batch."""
-        self.writes.keep_event()
-
-    def drop_event(self) -> None:
-        """The event's handler raised: forget every write it made."""
-        self.writes.drop_event()
-
     def commit(self, versions: Mapping[str, int], checkpoints: Mapping[str, str]) -> None:
         """Apply writes, versions and checkpoints in one script; :class:`BatchConflict` writes nothing."""
         if self._committed:
@@ -282,16 +361,34 @@ class _RedisBatch:
             checkpoint_args += (source, position)
         if version_args or checkpoint_args or any(commands):
             payload = orjson.dumps([self._ids, self._seen, version_args, checkpoint_args, commands])
-            self._target._commit(payload)
-            # Committed: what the script checked and what it wrote is what Redis holds now.
-            known = self._target._known
-            if len(known) + len(self._ids) > _KNOWN_LIMIT:
-                known.clear()
-            for sid, text in zip(self._ids, self._seen, strict=True):
-                if text:
-                    known[sid] = int(text)
-            known.update(versions)
+            target = self._target
+
+            def committed() -> None:
+                # What the script checked and what it wrote is what Redis holds now.
+                known = target._known
+                if len(known) + len(self._ids) > _KNOWN_LIMIT:
+                    known.clear()
+                for sid, text in zip(self._ids, self._seen, strict=True):
+                    if text:
+                        known[sid] = int(text)
+                known.update(versions)
+
+            if target._defer:
+                target._send(payload, committed)
+            else:
+                target._commit(payload)
+                committed()
         self._committed = True
+
+
+@dataclass(frozen=True, slots=True)
+class _PendingCommit:
+    """A commit script sent and not yet confirmed: its connection (out of the pool until the reply is
+    read), its payload (to run again if the server had no script), what to do once applied."""
+
+    connection: Any
+    payload: bytes
+    committed: Callable[[], None]
 
 
 def _text(value: bytes | str) -> str:

@@ -8,7 +8,7 @@ one by one in order; the one exception is float arithmetic, see :meth:`RedisWrit
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from enum import Enum
 from typing import Any, Final
@@ -83,10 +83,12 @@ class RedisWrites:
             raise TypeError(f"hincrby {key!r} {field!r}: amount must be an int, got {amount!r}")
         current = fields.get(field, _MISSING)
         self._undo.append((fields, field, current))
-        if current is _MISSING:
-            fields[field] = _checked_int(amount, key, field)
-        elif type(current) is int:
-            fields[field] = _checked_int(current + amount, key, field)
+        if type(current) is int:
+            total = current + amount
+            # The range test inline (not _checked_int): this is the common case, once per counter.
+            fields[field] = total if _INT64_MIN <= total <= _INT64_MAX else _checked_int(total, key, field)
+        elif current is _MISSING:
+            fields[field] = amount if _INT64_MIN <= amount <= _INT64_MAX else _checked_int(amount, key, field)
         elif current is None:  # HDEL pending: the field counts from 0 again
             fields[field] = str(_checked_int(amount, key, field))
         else:
@@ -207,6 +209,11 @@ class RedisWrites:
     def keep_event(self) -> None:
         """The event's writes stay."""
         self._undo.clear()
+
+    def undo_clear(self) -> Callable[[], None]:
+        """What :meth:`start_event` and :meth:`keep_event` do, as one builtin bound method (the undo
+        list's own ``clear``; the list is never replaced) for callers that run it per event."""
+        return self._undo.clear
 
     def drop_event(self) -> None:
         """Take back every write since :meth:`start_event`, newest first."""
