@@ -128,6 +128,9 @@ class DatalayerApplicationRecorder(_ReadsStreams, ApplicationRecorder):
         self._select = _StreamSelect(store, "events", "event_type")
 
     def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+        positions = self._insert_one_stream(stored_events)
+        if positions is not None:
+            return positions
         appends = self._appends(stored_events)
         results = self.store.append_streams(appends)
         if len(results) == 1 and len(results[0].positions) == len(stored_events):
@@ -139,6 +142,31 @@ class DatalayerApplicationRecorder(_ReadsStreams, ApplicationRecorder):
             for i, p in enumerate(r.positions)
         }
         return [position_by_key[(_uuid(e.originator_id), e.originator_version)] for e in stored_events]
+
+    def _insert_one_stream(self, stored_events: Sequence[StoredEvent]) -> list[int] | None:
+        """The usual save, one aggregate's consecutive events, straight into the store's statement.
+
+        Skips the :class:`StreamAppend` and :class:`NewEvent` objects the general path builds only
+        for the store to take apart again (about a tenth of a save's client CPU). None when the
+        save is not that (several streams, versions not consecutive, nothing) or the store's
+        prepared statement does not apply: nothing was written, the general path decides.
+        """
+        if not stored_events:
+            return None
+        first = stored_events[0]
+        originator_id = first.originator_id
+        version = first.originator_version
+        for event in stored_events:
+            if event.originator_id != originator_id or event.originator_version != version:
+                return None
+            version += 1
+        metadata = _metadata.get().to_json()
+        events = [
+            (uuid.uuid4().bytes, e.topic, _schema_version(e.topic), e.state, metadata) for e in stored_events
+        ]
+        return self.store.append_stream_params(
+            _uuid(originator_id), _stream_type(first.topic), first.originator_version - 1, events
+        )
 
     @staticmethod
     def _appends(stored_events: Sequence[StoredEvent]) -> list[StreamAppend]:

@@ -130,6 +130,10 @@ class PreparedAppends:
         self._on_conflict = on_conflict
         self._by_rows: dict[int, PreparedStatement] = {}
 
+    def applies(self, conn: psycopg.Connection[Any], rows: int) -> bool:
+        """Whether ``rows`` rows may go this way on ``conn``: few enough, and no caller's transaction."""
+        return 0 < rows <= self.max_rows and conn.autocommit
+
     def positions(
         self, conn: psycopg.Connection[Any], appends: Sequence[StreamAppend], rows: int
     ) -> dict[bytes, int] | None:
@@ -138,26 +142,28 @@ class PreparedAppends:
         None when this path does not apply (too many rows, or ``conn`` does not suit): nothing was
         written then. Errors are psycopg's, as from ``conn.execute``.
         """
-        if not 0 < rows <= self.max_rows or not conn.autocommit:
+        if not self.applies(conn, rows):
             return None
         params: list[bytes] = []
         for append in appends:
-            stream_id = uuid_bytes(append.stream_id)
-            stream_type = append.stream_type.encode()
-            version = append.expected_version
-            for event in append.events:
-                version += 1
-                params += (
-                    stream_id,
-                    stream_type,
-                    b"%d" % version,
-                    uuid_bytes(event.event_id),
-                    event.event_type.encode(),
-                    b"%d" % event.schema_version,
-                    bytes(event.payload),
-                    event.metadata.to_json().encode(),
-                )
-        result = self._statement(rows).execute(conn, params)
+            params += stream_params(
+                append.stream_id,
+                append.stream_type,
+                append.expected_version,
+                [
+                    (uuid_bytes(e.event_id), e.event_type, e.schema_version, e.payload, e.metadata.to_json())
+                    for e in append.events
+                ],
+            )
+        return self.insert(conn, params)
+
+    def insert(self, conn: psycopg.Connection[Any], params: Sequence[bytes]) -> dict[bytes, int] | None:
+        """Run the INSERT of :func:`stream_params` rows (:meth:`applies` checked by the caller).
+
+        The position of each inserted event by its id's bytes; None when ``conn`` does not suit:
+        nothing was written then. Errors are psycopg's, as from ``conn.execute``.
+        """
+        result = self._statement(len(params) // len(self._TYPES)).execute(conn, params)
         if result is None:
             return None
         # Binary results: int8 big-endian, uuid its 16 bytes.
@@ -188,6 +194,34 @@ class PreparedAppends:
             )
             self._by_rows[rows] = statement
         return statement
+
+
+# One event as the append statement binds it: its id's 16 bytes, type, schema version, payload and
+# metadata JSON. Callers that have no NewEvent (eventsourcing's recorder) build these directly.
+EventParams = tuple[bytes, str, int, bytes, str]
+
+
+def stream_params(
+    stream_id: UUID, stream_type: str, expected_version: int, events: Sequence[EventParams]
+) -> list[bytes]:
+    """The parameters of one stream's rows in the append statement, numbered after ``expected_version``."""
+    stream = uuid_bytes(stream_id)
+    type_ = stream_type.encode()
+    params: list[bytes] = []
+    version = expected_version
+    for event_id, event_type, schema_version, payload, metadata in events:
+        version += 1
+        params += (
+            stream,
+            type_,
+            b"%d" % version,
+            event_id,
+            event_type.encode(),
+            b"%d" % schema_version,
+            bytes(payload),
+            metadata.encode(),
+        )
+    return params
 
 
 def uuid_bytes(value: UUID | str) -> bytes:

@@ -25,7 +25,7 @@ from psycopg_pool import ConnectionPool
 from eventstore.errors import ConcurrencyError, EventStoreError, MigrationError
 from eventstore.horizon import Horizon, read_horizon
 from eventstore.migrations import Migration, available_migrations, current_version, migrate
-from eventstore.prepared import PreparedAppends, uuid_bytes
+from eventstore.prepared import EventParams, PreparedAppends, stream_params, uuid_bytes
 from eventstore.privileges import warn_if_superuser
 from eventstore.records import (
     LOG_START,
@@ -236,13 +236,45 @@ class EventStore:
         """
         return self._write(conn, appends, savepoint=True)
 
+    def append_stream_params(
+        self, stream_id: UUID, stream_type: str, expected_version: int, events: Sequence[EventParams]
+    ) -> list[int] | None:
+        """:meth:`append` of events given as the statement binds them: the one-stream hot path.
+
+        For callers that would build :class:`NewEvent` objects only to have them taken apart again
+        (eventsourcing's recorder). Same checks, errors and idempotence as :meth:`append`; returns
+        the positions of the events written, in order (a resubmitted event has none). None when
+        the prepared statement does not apply (too many events, a pool connection that is not
+        autocommit or not UTF-8): nothing was written then, so append the events with
+        :meth:`append_streams`.
+        """
+        _check_expected_version(stream_id, expected_version)
+        if not events:
+            return []
+        conn = self.pool.getconn()
+        try:
+            if not self._prepared_appends.applies(conn, len(events)):
+                return None
+            params = stream_params(stream_id, stream_type, expected_version, events)
+            try:
+                position_of = self._prepared_appends.insert(conn, params)
+            except psycopg.DatabaseError as exc:
+                if not _is_version_conflict(exc):
+                    raise
+                raise self._conflict(conn, [(stream_id, expected_version)]) from exc
+        finally:
+            self.pool.putconn(conn)
+        if position_of is None:
+            return None
+        self._wakeup.announce()
+        return list(_positions(position_of, [e[0] for e in events]))
+
     def _write(
         self, conn: psycopg.Connection[Any], appends: Sequence[StreamAppend], *, savepoint: bool
     ) -> list[AppendResult]:
         count = 0
         for append in appends:
-            if append.expected_version < -1:
-                raise ValueError(f"expected version of stream {append.stream_id} must be >= -1")
+            _check_expected_version(append.stream_id, append.expected_version)
             count += len(append.events)
         if not count:
             return [AppendResult(a.stream_id, a.expected_version, ()) for a in appends]
@@ -253,14 +285,12 @@ class EventStore:
         except psycopg.DatabaseError as exc:
             if not _is_version_conflict(exc):
                 raise
-            raise self._conflict(conn, appends) from exc
-        # Keyed by the event ids' bytes: the prepared path reads them without making UUIDs.
-        get = position_of.get
+            raise self._conflict(conn, [(a.stream_id, a.expected_version) for a in appends]) from exc
         return [
             AppendResult(
                 a.stream_id,
                 a.expected_version + len(a.events),
-                tuple(p for p in (get(uuid_bytes(e.event_id)) for e in a.events) if p is not None),
+                _positions(position_of, [uuid_bytes(e.event_id) for e in a.events]),
             )
             for a in appends
         ]
@@ -305,14 +335,17 @@ class EventStore:
             self._insert_by_rows[len(rows)] = statement
         return statement, [value for row in rows for value in row]
 
-    def _conflict(self, conn: psycopg.Connection[Any], appends: Sequence[StreamAppend]) -> ConcurrencyError:
-        actual = self._current_versions(conn, [a.stream_id for a in appends])
-        for a in appends:
-            have = actual.get(a.stream_id)
-            if not (have == a.expected_version or (have is None and a.expected_version <= 0)):
-                return ConcurrencyError(a.stream_id, a.expected_version, have or 0)
-        first = appends[0]
-        return ConcurrencyError(first.stream_id, first.expected_version, actual.get(first.stream_id) or 0)
+    def _conflict(
+        self, conn: psycopg.Connection[Any], expected: Sequence[tuple[UUID, int]]
+    ) -> ConcurrencyError:
+        """The error for a failed append: the first of its (stream, expected version) now elsewhere."""
+        actual = self._current_versions(conn, [stream_id for stream_id, _ in expected])
+        for stream_id, expected_version in expected:
+            have = actual.get(stream_id)
+            if not (have == expected_version or (have is None and expected_version <= 0)):
+                return ConcurrencyError(stream_id, expected_version, have or 0)
+        stream_id, expected_version = expected[0]
+        return ConcurrencyError(stream_id, expected_version, actual.get(stream_id) or 0)
 
     def _current_versions(self, conn: psycopg.Connection[Any], stream_ids: list[UUID]) -> dict[UUID, int]:
         rows = conn.execute(self._versions, (stream_ids,)).fetchall()
@@ -438,6 +471,20 @@ class EventStore:
 
 def _check_connection(conn: psycopg.Connection[TupleRow]) -> None:
     warn_if_superuser(conn)
+
+
+def _check_expected_version(stream_id: UUID, expected_version: int) -> None:
+    if expected_version < -1:
+        raise ValueError(f"expected version of stream {stream_id} must be >= -1")
+
+
+def _positions(position_of: Mapping[bytes, int], event_ids: Sequence[bytes]) -> tuple[int, ...]:
+    """The positions of the events inserted, in order; an event already stored (skipped) has none.
+
+    Keyed by the event ids' bytes: the prepared path reads them without making UUIDs.
+    """
+    get = position_of.get
+    return tuple(p for p in (get(event_id) for event_id in event_ids) if p is not None)
 
 
 def _is_version_conflict(exc: psycopg.DatabaseError) -> bool:

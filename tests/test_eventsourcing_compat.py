@@ -40,6 +40,7 @@ from psycopg import sql
 
 from datalayer.clients import postgres_connection
 from datalayer.settings import load_settings
+from eventstore.errors import ConcurrencyError
 from eventstore.persistence import DatalayerApplicationRecorder, DatalayerSnapshotRecorder, Factory
 from eventstore.store import EventStore
 from tests.helpers import unique_name
@@ -259,6 +260,19 @@ def test_batch_with_a_version_gap_is_rejected_and_writes_nothing(store: EventSto
     with pytest.raises(IntegrityError):
         recorder.insert_events([_event(stream, 1), _event(stream, 3)])
     assert recorder.select_events(stream) == []
+
+
+def test_one_stream_saves_keep_the_conflict_error_and_the_positions(store: EventStore) -> None:
+    """The recorder's lean one-stream path and its fallback (more rows than the prepared statement)."""
+    recorder = DatalayerApplicationRecorder(store)
+    stream = uuid.uuid4()
+    first = recorder.insert_events([_event(stream, 1), _event(stream, 2)])
+    with pytest.raises(ConcurrencyError) as info:
+        recorder.insert_events([_event(stream, 2)])
+    assert (info.value.stream_id, info.value.expected_version, info.value.actual_version) == (stream, 1, 2)
+    many = recorder.insert_events([_event(stream, v) for v in range(3, 3 + 70)])
+    log = {(n.originator_id, n.originator_version): n.id for n in recorder.select_notifications(None, 100)}
+    assert list(first or ()) + list(many or ()) == [log[(stream, v)] for v in range(1, 73)]
 
 
 del AggregateRecorderTestCase, ApplicationRecorderTestCase, NonInterleavingNotificationIDsBaseCase

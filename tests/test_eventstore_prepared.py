@@ -125,3 +125,30 @@ def test_a_connection_not_in_utf8_appends_through_psycopg(store: EventStore, set
         assert prepared_names(es) == set()  # psycopg's own statement is not prepared on first use
     (event,) = store.read_stream(stream)
     assert (event.stream_type, event.event_type) == ("Zähler", "Geändert")
+
+
+def test_append_stream_params_keeps_the_append_guarantees(store: EventStore, settings: Settings) -> None:
+    """The recorder's one-stream path: same positions, conflict error and idempotence as append()."""
+    stream = uuid.uuid4()
+    events = [(uuid.uuid4().bytes, "Ticked", 3, b'{"n": 1}', '{"actor": "zoë"}') for _ in range(2)]
+    positions = store.append_stream_params(stream, "Counter", 0, events)
+    stored = store.read_stream(stream)
+    assert positions == [e.position for e in stored]
+    assert [(e.stream_version, e.event_id.bytes, e.schema_version) for e in stored] == [
+        (1, events[0][0], 3),
+        (2, events[1][0], 3),
+    ]
+    assert stored[0].metadata == EventMetadata(actor="zoë")
+    assert store.append_stream_params(stream, "Counter", 0, events) == []  # same ids: a no-op
+    with pytest.raises(ConcurrencyError) as info:
+        store.append_stream_params(stream, "Counter", 1, [(uuid.uuid4().bytes, "Ticked", 1, b"{}", "{}")])
+    assert (info.value.stream_id, info.value.expected_version, info.value.actual_version) == (stream, 1, 2)
+    with pytest.raises(ValueError):
+        store.append_stream_params(stream, "Counter", -2, events)
+    # Where the prepared statement does not apply, nothing is written and the caller is told so.
+    many = [(uuid.uuid4().bytes, "Ticked", 1, b"{}", "{}") for _ in range(65)]
+    assert store.append_stream_params(uuid.uuid4(), "Counter", 0, many) is None
+    with one_connection_store(settings, store.schema, client_encoding="LATIN1") as es:
+        other = uuid.uuid4()
+        assert es.append_stream_params(other, "Counter", 0, events[:1]) is None
+        assert es.read_stream(other) == []
