@@ -153,6 +153,7 @@ class ProjectionConsumer:
         self._rebalance_error: BaseException | None = None
         self._sink: KafkaDeadLetters | None = None
         self._stop = threading.Event()
+        self._last_offsets: dict[TopicPartition, OffsetAndMetadata] = {}
 
     def run(self, stop: threading.Event) -> None:
         """Consume, apply and checkpoint batches; return after the batch in hand when ``stop`` is set.
@@ -170,6 +171,7 @@ class ProjectionConsumer:
         deferred = self.config.defer_commits and isinstance(target, DeferredCommits)
         self._sink, self._stop = sink, stop
         self._unconfirmed = self._rebalance_error = None
+        self._last_offsets = {}
         consumer: KafkaConsumer | None = None
         try:
             if deferred:
@@ -223,7 +225,7 @@ class ProjectionConsumer:
                     target.confirm_commit()  # a commit still out: its reply read, its connection back
                 target.defer_commits(False)
             if consumer is not None:
-                consumer.close(autocommit=False)
+                _leave_group(consumer, self._last_offsets)
             producer.close(timeout=10)
 
     def _confirm(self, sink: KafkaDeadLetters, stop: threading.Event) -> None:
@@ -266,6 +268,7 @@ class ProjectionConsumer:
         # Only for lag tools: the offsets that matter were committed with the batch.
         if self.kafka_consumer is not None:
             self.kafka_consumer.commit_async(offsets=batch.offsets)
+            self._last_offsets.update(batch.offsets)
 
     def _confirm_in_rebalance(self) -> None:
         """Before partitions change hands, the batch in flight is confirmed (or applied again), so the
@@ -428,11 +431,27 @@ class _SeekToTargetCheckpoints(ConsumerRebalanceListener):  # type: ignore[misc]
         # A commit sent before this poll is confirmed first; nothing else is pending.
         self.owner._confirm_in_rebalance()
         self.owner.stats.assigned -= set(revoked)
+        for partition in revoked:
+            self.owner._last_offsets.pop(partition, None)
         self.owner.target.forget_applied_versions()
 
     def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         self.owner._confirm_in_rebalance()
         self.owner.seek_to_checkpoints(self.consumer, assigned)
+
+
+def _leave_group(consumer: KafkaConsumer, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+    """Close ``consumer`` so that its group sees it leave at once.
+
+    Why the last commit waits: the batches' ``commit_async`` requests still in flight can fill the
+    connection's in-flight limit, and close()'s LeaveGroup then fails ("Node paused"). The group
+    would wait for the closed member, and whoever takes its partitions next (the live consumer
+    after a rebuild's handover) would hold none for its session's timeout or longer.
+    """
+    if offsets:
+        with contextlib.suppress(Exception):
+            consumer.commit(offsets=offsets, timeout_ms=5000)
+    consumer.close(autocommit=False)
 
 
 @dataclass(slots=True)

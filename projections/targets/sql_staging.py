@@ -28,6 +28,7 @@ from typing import Any
 from uuid import UUID
 
 import orjson
+from psycopg import sql as psql
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -182,8 +183,9 @@ class StagedUpsert:
         self.create = CreateTable(self.staging, if_not_exists=True)
         self.staged = tuple(staged)
         self.types = [column.pg_type for column in staged]
-        names = ", ".join(f'"{name}"' for name in columns)
-        self.copy_sql = f'COPY pg_temp."{self.staging.name}" ({names}) FROM STDIN (FORMAT BINARY)'
+        self.copy_sql = psql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+            psql.Identifier("pg_temp", self.staging.name), psql.SQL(", ").join(map(psql.Identifier, columns))
+        )
         self.source = select(
             *(
                 cast(self.staging.c[name], table.c[name].type)
