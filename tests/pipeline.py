@@ -20,7 +20,7 @@ from uuid import UUID
 
 import redis
 import sqlalchemy.exc
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from sqlalchemy import Engine, MetaData, select
 
 from consumers.runtime import ConsumerConfig, ProjectionConsumer
@@ -258,3 +258,23 @@ def redis_contents(client: redis.Redis, prefix: str) -> dict[str, Any]:
 
 def _escape(prefix: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in prefix)
+
+
+def dead_letters(pl: Pipeline, projection: str, count: int) -> list[Any]:
+    """The first ``count`` records of the projection's dead-letter topic."""
+    consumer = KafkaConsumer(enable_auto_commit=False, **pl.settings.kafka_config())
+    try:
+        tp = TopicPartition(f"{pl.dlq_prefix}{projection}", 0)
+        consumer.assign([tp])
+        consumer.seek_to_beginning(tp)
+        records: list[Any] = []
+
+        def enough() -> bool:
+            for batch in consumer.poll(timeout_ms=200).values():
+                records.extend(batch)
+            return len(records) >= count
+
+        wait_until(enough, timeout=60, what=f"{count} dead letters")
+        return records
+    finally:
+        consumer.close()

@@ -25,33 +25,13 @@ from projections.orders import OrderCacheQueries, OrderQueries, OrderViews
 from projections.projection import handles
 from projections.targets import PostgresTarget, SqlWrites
 from tests.helpers import unique_name, wait_until
-from tests.pipeline import Pipeline, pipeline
+from tests.pipeline import Pipeline, dead_letters, pipeline
 
 
 @pytest.fixture
 def pl(settings: Settings, store: EventStore, engine: Engine, redis_conn: redis.Redis) -> Iterator[Pipeline]:
     with pipeline(settings, store, engine, redis_conn) as p:
         yield p
-
-
-def dead_letters(pl: Pipeline, projection: str, count: int) -> list[Any]:
-    """The first ``count`` records of the projection's dead-letter topic."""
-    consumer = KafkaConsumer(enable_auto_commit=False, **pl.settings.kafka_config())
-    try:
-        tp = TopicPartition(f"{pl.dlq_prefix}{projection}", 0)
-        consumer.assign([tp])
-        consumer.seek_to_beginning(tp)
-        records: list[Any] = []
-
-        def enough() -> bool:
-            for batch in consumer.poll(timeout_ms=200).values():
-                records.extend(batch)
-            return len(records) >= count
-
-        wait_until(enough, timeout=60, what=f"{count} dead letters")
-        return records
-    finally:
-        consumer.close()
 
 
 def headers(record: Any) -> dict[str, str]:

@@ -12,7 +12,6 @@ from typing import Any, ClassVar
 
 import pytest
 import redis
-from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy import Engine, delete, text, update
 
 from consumers.live import LiveConsumer, group_for
@@ -31,7 +30,7 @@ from projections.target import ProjectionTarget
 from projections.targets import PostgresTarget, RedisTarget, SqlWrites
 from projections.verify import verify
 from tests.helpers import unique_name, wait_until
-from tests.pipeline import Pipeline, pipeline
+from tests.pipeline import Pipeline, dead_letters, pipeline
 
 
 @dataclass
@@ -347,30 +346,10 @@ def test_a_parallel_rebuild_sends_every_partitions_dead_letters_to_the_topic(
         _PoisonedViews.poisoned.update(bad.values())
         report = rebuild(pl, models, handover_timeout=0.5, workers=2).run(threading.Event())
         assert report.activated and report.replayed.dead_letters == 2
-        letters = _dead_letters(pl, models.projection.name, 2)
+        letters = dead_letters(pl, models.projection.name, 2)
         assert sorted(dict(r.headers)["dlq.stream_id"].decode() for r in letters) == sorted(bad.values())
         assert {dict(r.headers)["dlq.reason"] for r in letters} == {b"poison"}
         assert {dict(r.headers)["dlq.source"] for r in letters} == {b"store"}
     finally:
         _PoisonedViews.poisoned.clear()
         models.cleanup()
-
-
-def _dead_letters(pl: Pipeline, projection: str, count: int) -> list[Any]:
-    """The first ``count`` records of the projection's dead-letter topic."""
-    consumer = KafkaConsumer(enable_auto_commit=False, **pl.settings.kafka_config())
-    try:
-        tp = TopicPartition(f"{pl.dlq_prefix}{projection}", 0)
-        consumer.assign([tp])
-        consumer.seek_to_beginning(tp)
-        records: list[Any] = []
-
-        def enough() -> bool:
-            for batch in consumer.poll(timeout_ms=200).values():
-                records.extend(batch)
-            return len(records) >= count
-
-        wait_until(enough, timeout=60, what=f"{count} dead letters")
-        return records
-    finally:
-        consumer.close()
