@@ -124,12 +124,17 @@ def new_store(settings: Settings) -> Iterator[Callable[[], EventStore]]:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(es.schema)))
 
 
+POISONED_ORDER = uuid.UUID("ffffffff-ffff-4fff-bfff-ffffffffffff")
+
+
 def seed(store: EventStore, orders: int = 60) -> dict[str, int]:
     """Orders (placed with lines, lines added, viewed, paid) and customers; returns counts by kind."""
     counts: Counter[str] = Counter()
     rows: list[Any] = []
     for n in range(orders):
-        order = uuid.uuid4()
+        # The poisoned order's id sorts last among its version: its bad event then never falls in
+        # the first batch of a migration, which the tests' resumes rely on.
+        order = POISONED_ORDER if n == 20 else uuid.uuid4()
         first = 0 if n % 15 == 0 else 1  # an aggregate numbered from 0 stays so
         events = [
             (
