@@ -15,6 +15,11 @@ on the consumed topics (``Order`` and ``Product``).
     own settings (:meth:`ConsumerConfig.kafka_consumer_settings`), doing only ``orjson.loads`` of
     each record, over the same topics as (a) and as (b): (a) is compared with the first, (b) with
     the second, and ``bare_consumer_per_s`` is the second (all the consumed records);
+(c') **bare consumer, lean unpacking**: the same, its records unpacked by
+    :mod:`consumers.record_unpacking` as the projection consumers' are (``lean_unpacking``, on by
+    default): the like-for-like ceiling. The issue's ratios stay against kafka-python's own
+    unpacking, (c); ``pg_ratio_lean`` and ``redis_ratio_lean`` are against (c'), so a reader sees
+    how much of each ratio is the projection's own cost and how much the cheaper unpacking;
 (d) **latency**: with the relay and both consumers running in processes of their own (as in
     production, read models caught up on the whole history), a writer process issues commands
     paced to ``--latency-rate`` events/s (default 500); for a sample of the order commands it
@@ -83,6 +88,7 @@ from kafka.errors import KafkaError
 from psycopg import sql
 from sqlalchemy import ARRAY, Engine, Uuid, any_, bindparam, func, select
 
+from consumers import record_unpacking
 from consumers.runtime import ConsumerConfig, ProjectionConsumer
 from datalayer.clients import postgres_engine, redis_client
 from datalayer.settings import Settings, load_settings
@@ -437,6 +443,8 @@ def worker_bare(spec: dict[str, Any]) -> dict[str, Any]:
     consumer = KafkaConsumer(
         **settings.kafka_config(), group_id=spec["group_id"], **config.kafka_consumer_settings()
     )
+    if spec.get("lean") and not record_unpacking.install(consumer):
+        raise RuntimeError("this kafka-python does not take datalayer's record unpacking")
     ends = {source: end for source, end in spec["ends"].items() if end > 0}
     topics = sorted({source.rpartition(":")[0] for source in spec["ends"]})
     reached: dict[str, int] = {}
@@ -1011,12 +1019,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "dlq_prefix": names.dlq_prefix,
             "max_batch": args.max_batch,
         }
-        rates: dict[str, list[float]] = {"pg": [], "redis": [], "bare_order": [], "bare": []}
+        rates: dict[str, list[float]] = {
+            "pg": [],
+            "redis": [],
+            "bare_order": [],
+            "bare": [],
+            "bare_lean_order": [],
+            "bare_lean": [],
+        }
         labels = {
             "pg": "PostgreSQL (Order)",
             "redis": "Redis (Order+Product)",
             "bare_order": "bare (Order)",
             "bare": "bare (Order+Product)",
+            "bare_lean_order": "bare lean (Order)",
+            "bare_lean": "bare lean (Order+Product)",
         }
         # Process CPU per record of each worker, from its first batch to its last: what a loaded
         # machine disturbs least (informative; the targets are the rates' ratios).
@@ -1031,7 +1048,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     spec["profile"] = str(Path(args.profile) / f"{kind}-r{round_no}.prof")
                 settle(engine, names)
                 if kind.startswith("bare"):
-                    spec["ends"] = on_order if kind == "bare_order" else fill.end_offsets
+                    spec["ends"] = on_order if kind.endswith("_order") else fill.end_offsets
+                    spec["lean"] = kind.startswith("bare_lean")
                     result = measure("bare", spec)
                 else:
                     spec.update(kind=kind, name=names.target(kind, round_no))
@@ -1091,6 +1109,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "latency_basis": "worse of the PostgreSQL and Redis read models",
         "latency_observer": headline.observer,
         "bare_order_topic_per_s": round(medians["bare_order"], 1),
+        "bare_lean_per_s": round(medians["bare_lean"], 1),
+        "bare_lean_order_topic_per_s": round(medians["bare_lean_order"], 1),
+        "pg_ratio_lean": round(medians["pg"] / medians["bare_lean_order"], 3),
+        "redis_ratio_lean": round(medians["redis"] / medians["bare_lean"], 3),
         "latency_pg_ms": main["latency_pg_ms"],
         "latency_redis_ms": main["latency_redis_ms"],
         "latency_events_per_s": main["latency_events_per_s"],
@@ -1133,6 +1155,15 @@ def report(figures: dict[str, Any], args: argparse.Namespace) -> None:
         ("(c) bare consumer, Order+Product", f"{figures['bare_consumer_per_s']:,.0f} records/s"),
         ("    a / c (Order)", f"{figures['pg_ratio']:.3f}"),
         ("    b / c (Order+Product)", f"{figures['redis_ratio']:.3f}"),
+        (
+            "(c') bare consumer, lean unpacking, Order",
+            f"{figures['bare_lean_order_topic_per_s']:,.0f} records/s",
+        ),
+        ("(c') bare, lean unpacking, Order+Product", f"{figures['bare_lean_per_s']:,.0f} records/s"),
+        (
+            "    a / c' (Order); b / c' (Order+Product)",
+            f"{figures['pg_ratio_lean']:.3f}; {figures['redis_ratio_lean']:.3f}",
+        ),
         (
             "(d) latency save() -> PostgreSQL query, p50/p99",
             f"{figures['latency_pg_ms']['p50']:.1f} / {figures['latency_pg_ms']['p99']:.1f} ms",

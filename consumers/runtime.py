@@ -25,6 +25,7 @@ from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, Ka
 from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
 
+from consumers import record_unpacking
 from consumers.assignment_watch import AssignmentWatch
 from consumers.dead_letters import DEAD_LETTER_PRODUCER_SETTINGS, KafkaDeadLetters, dead_letter_topic
 from eventstore.relay.topics import create_missing_topics, topic_for
@@ -91,6 +92,9 @@ class ConsumerConfig:
     # batch while the target runs it, then confirm it before applying the next one. False waits
     # for every commit before polling again.
     defer_commits: bool = True
+    # Unpack fetched records with consumers.record_unpacking (equal records, less CPU each). False
+    # keeps kafka-python's own unpacking, e.g. to rule it out when chasing a problem.
+    lean_unpacking: bool = True
 
     def group_for(self, projection: Projection[Any]) -> str:
         """One consumer group per projection version: ``datalayer.projection.order_views_v1``."""
@@ -289,6 +293,8 @@ class ProjectionConsumer:
     def _join(self, group: str, stop: threading.Event) -> KafkaConsumer:
         """A new client in ``group``, subscribed, seeking to the target's checkpoints on assignment."""
         consumer = KafkaConsumer(**self.kafka_config, group_id=group, **self.config.kafka_consumer_settings())
+        if self.config.lean_unpacking:
+            record_unpacking.install(consumer)
         try:
             self._await_topic_metadata(consumer, stop)
             consumer.subscribe(self.topics, listener=_SeekToTargetCheckpoints(self, consumer))
