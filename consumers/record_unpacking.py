@@ -244,26 +244,48 @@ class LeanPartitionRecords(Fetcher.PartitionRecords):  # type: ignore[misc]
 
 
 def _headers(data: bytes, pos: int) -> tuple[list[tuple[str, bytes | None]], int, int]:
-    """A record's headers from ``pos`` (at their count): the list, its serialized size, the next position."""
-    count, pos = decode_varint(data, pos)
+    """A record's headers from ``pos`` (at their count): the list, its serialized size, the next position.
+
+    The relay writes four per record, so their varints (all one byte) are decoded inline too.
+    """
+    varint = decode_varint
+    b = data[pos]
+    if b < 0x80:
+        count = (b >> 1) ^ -(b & 1)
+        pos += 1
+    else:
+        count, pos = varint(data, pos)
     if count < 0:
         raise CorruptRecordError(f"Found invalid number of record headers {count}")
     headers: list[tuple[str, bytes | None]] = []
+    # kafka-python's serialized_header_size: the UTF-8 key bytes plus the value bytes of every
+    # header. A key's UTF-8 bytes are the bytes it was decoded from, so their count is its length.
     size = 0
     for _ in range(count):
-        key_length, pos = decode_varint(data, pos)
+        b = data[pos]
+        if b < 0x80:
+            key_length = (b >> 1) ^ -(b & 1)
+            pos += 1
+        else:
+            key_length, pos = varint(data, pos)
         if key_length < 0:
             raise CorruptRecordError(f"Invalid negative header key size {key_length}")
         key = data[pos : pos + key_length].decode("utf-8")
         pos += key_length
-        value_length, pos = decode_varint(data, pos)
+        b = data[pos]
+        if b < 0x80:
+            value_length = (b >> 1) ^ -(b & 1)
+            pos += 1
+        else:
+            value_length, pos = varint(data, pos)
         value: bytes | None = None
         if value_length >= 0:
             value = data[pos : pos + value_length]
             pos += value_length
+            size += key_length + value_length
+        else:
+            size += key_length
         headers.append((key, value))
-        # kafka-python's serialized_header_size: UTF-8 key bytes plus value bytes, over all headers.
-        size += len(key.encode("utf-8")) + (len(value) if value is not None else 0)
     return headers, (size if headers else -1), pos
 
 
