@@ -126,12 +126,14 @@ def test_a_deferred_statement_that_fails_raises_when_confirmed_and_leaves_nothin
 ) -> None:
     stream = new_stream()
     target.defer_commits(True)
-    with target.batch() as batch:
-        assert batch.applied_versions([stream]) == {}
-        batch.writes.upsert(daily, {"day": DAY, "revenue": Decimal(1)})  # NOT NULL "orders" left out
-        batch.commit({stream: 1}, {"log": "1"})  # sent: the merge fails in the server meanwhile
+    # The error comes back while the rest is being sent or when the commit is confirmed.
     with pytest.raises(IntegrityError, match="orders"):
+        with target.batch() as batch:
+            assert batch.applied_versions([stream]) == {}
+            batch.writes.upsert(daily, {"day": DAY, "revenue": Decimal(1)})  # NOT NULL "orders" left out
+            batch.commit({stream: 1}, {"log": "1"})
         target.confirm_commit()
+    target.confirm_commit()  # nothing awaits either way
     assert_nothing_applied(engine, target, [stream])
 
     # The target, and the connection the failed commit gave back, work on.
@@ -142,22 +144,31 @@ def test_a_deferred_statement_that_fails_raises_when_confirmed_and_leaves_nothin
     assert_applied_once(engine, target, streams, "2")
 
 
-def test_a_deferred_batch_that_lost_the_race_fails_before_anything_is_sent(
+def test_a_deferred_batch_that_lost_the_race_conflicts_and_writes_nothing(
     engine: Engine, target: PostgresTarget
 ) -> None:
     streams = [new_stream() for _ in range(4)]
     apply(target, [make_event(s, 1, "Counted") for s in streams], "1")
     other = PostgresTarget(engine, target.projection, schema=target.schema)  # a second process
     target.defer_commits(True)
-    with target.batch() as batch:
-        assert batch.applied_versions(streams) == dict.fromkeys(streams, 1)
-        batch.writes.increment(daily, {"day": DAY}, {"orders": 1, "revenue": Decimal(1)})
-        apply(other, [make_event(s, 2, "Counted") for s in streams], "b")
-        with pytest.raises(BatchConflict):
+    # The versions go with the deferred statements: the conflict shows while they are sent or when
+    # the commit is confirmed.
+    with pytest.raises(BatchConflict):
+        with target.batch() as batch:
+            assert batch.applied_versions(streams) == dict.fromkeys(streams, 1)
+            batch.writes.increment(daily, {"day": DAY}, {"orders": 1, "revenue": Decimal(1)})
+            apply(other, [make_event(s, 2, "Counted") for s in streams], "b")
             batch.commit(dict.fromkeys(streams, 2), {"log": "a"})
-    target.confirm_commit()  # nothing was sent
+        target.confirm_commit()
+    target.confirm_commit()  # nothing awaits either way
     assert daily_totals(engine, target) == {DAY: (8, Decimal(8))}
+    assert {target.applied_version(s) for s in streams} == {2}
     assert target.checkpoints() == {"log": "b"}
+
+    # Retried through the runner, the same events are recognised as applied.
+    again = apply(target, [make_event(s, 2, "Counted") for s in streams], "a")
+    target.confirm_commit()
+    assert (again.applied, again.duplicates) == (0, 4)
 
 
 def test_the_consumer_applies_again_a_batch_whose_connection_was_cut_mid_commit(

@@ -6,14 +6,17 @@ commit to the WAL. Sent as one simple query (``INSERT ...; INSERT ...; COMMIT``)
 later, that time overlaps with what the consumer does meanwhile: polling and parsing the next
 batch's records (see ``ConsumerConfig.defer_commits``).
 
-Only statements without parameters qualify: the simple query protocol carries none, and values are
-never formatted into SQL. The flush's merges from the staging tables are such statements (the rows
-travel by ``COPY``, see ``sql_staging``); everything else in a batch runs as before, and waits.
+:class:`SentPipeline` sends a batch's stream versions and checkpoints, the flush's merges from the
+staging tables (the rows travel by ``COPY``, see ``sql_staging``, which a pipeline cannot carry)
+and ``COMMIT`` in psycopg's pipeline mode; :class:`SentQuery` sends statements without parameters
+as one simple query (the flush runs those it must before a statement with parameters). Values are
+never formatted into SQL either way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack, suppress
 from typing import Any
 
 import psycopg
@@ -24,16 +27,55 @@ from sqlalchemy.exc import DBAPIError
 _FATAL_ERROR = pq.ExecStatus.FATAL_ERROR
 
 
-def render(conn: Connection, statement: Executable, schema: str) -> str:
-    """``statement`` as SQL text for ``conn``'s dialect, in ``schema``; it must have no parameter
-    but constants of the statement itself (such as ``coalesce(col, 0)``), which it renders inline."""
+def render(conn: Connection, statement: Executable, schema: str, *, literal: bool = True) -> str:
+    """``statement`` as SQL text for ``conn``'s dialect, in ``schema``.
+
+    ``literal``: the statement must have no parameter but constants of its own (such as
+    ``coalesce(col, 0)``), which are rendered inline; otherwise parameters stay placeholders
+    (``%(name)s``), for psycopg to bind.
+    """
     compiled = statement.compile(  # type: ignore[attr-defined]  # every Executable here is a ClauseElement
         dialect=conn.dialect,
         schema_translate_map={None: schema},
         render_schema_translate=True,
-        compile_kwargs={"literal_binds": True},
+        compile_kwargs={"literal_binds": literal},
     )
     return str(compiled)
+
+
+class SentPipeline:
+    """Statements sent on a connection in pipeline mode, their outcome read by :meth:`wait`.
+
+    PostgreSQL runs them as they arrive; the connection stays in pipeline mode, unusable for
+    anything else, until :meth:`wait` has read every result.
+    """
+
+    __slots__ = ("_stack",)
+
+    def __init__(self, conn: Connection, statements: Sequence[tuple[str, Mapping[str, Any] | None]]) -> None:
+        driver = _driver(conn)
+        self._stack = stack = ExitStack()
+        try:
+            stack.enter_context(driver.pipeline())
+            cursor = driver.cursor()
+            for sql, params in statements:
+                cursor.execute(sql, params)  # sent; its result is read when the pipeline ends
+        except psycopg.Error as exc:
+            # An error came back while sending: leave the pipeline, the rest of its results read.
+            with suppress(psycopg.Error):
+                stack.close()
+            raise _wrapped(exc) from exc
+
+    def wait(self) -> None:
+        """End the pipeline: wait for every result, and raise the first error as SQLAlchemy would.
+
+        PostgreSQL skips the statements after a failed one, and the transaction is then aborted:
+        the caller rolls it back.
+        """
+        try:
+            self._stack.close()
+        except psycopg.Error as exc:
+            raise _wrapped(exc) from exc
 
 
 class SentQuery:
@@ -45,10 +87,7 @@ class SentQuery:
     __slots__ = ("_driver",)
 
     def __init__(self, conn: Connection, statements: Sequence[str]) -> None:
-        driver = conn.connection.driver_connection
-        if not isinstance(driver, psycopg.Connection):
-            raise TypeError("deferred statements need a psycopg 3 connection")
-        self._driver: psycopg.Connection[Any] = driver
+        self._driver = driver = _driver(conn)
         pgconn = driver.pgconn
         try:
             pgconn.send_query(";\n".join(statements).encode(driver.info.encoding))
@@ -78,6 +117,13 @@ def run_now(conn: Connection, statements: list[str]) -> None:
         sent = SentQuery(conn, statements)
         statements.clear()
         sent.wait()
+
+
+def _driver(conn: Connection) -> psycopg.Connection[Any]:
+    driver = conn.connection.driver_connection
+    if not isinstance(driver, psycopg.Connection):
+        raise TypeError("deferred statements need a psycopg 3 connection")
+    return driver
 
 
 def _wrapped(exc: psycopg.Error) -> DBAPIError:

@@ -46,10 +46,12 @@ from sqlalchemy import (
     and_,
     any_,
     bindparam,
+    case,
     cast,
     delete,
     func,
     literal,
+    null,
     select,
     tuple_,
     update,
@@ -63,7 +65,7 @@ from projections.generations import deferred_indexes, is_building
 from projections.privileges import grant_projection_schema
 from projections.projection import Projection
 from projections.target import BatchConflict, TargetBatch
-from projections.targets.pg_deferred import SentQuery, render, run_now
+from projections.targets.pg_deferred import SentPipeline, render, run_now
 from projections.targets.sql_staging import StagedUpsert, StagingTables, staged_columns
 from projections.targets.sql_writes import Change, Key, Row, SqlWrites, TableSpec, as_uuid, uuid_key
 
@@ -71,9 +73,11 @@ __all__ = ["PostgresTarget", "SqlProjection", "SqlWrites"]
 
 _SCHEMA_NAME = re.compile(r"[A-Za-z0-9_]{1,63}")
 
-# unique_violation, serialization_failure, deadlock_detected: another process got there first.
-_UNIQUE_VIOLATION = "23505"
+# serialization_failure, deadlock_detected: another process got there first.
 _RETRYABLE = frozenset({"40001", "40P01"})
+# unique_violation, not_null_violation: in the stream versions table, the sign of a lost race (see
+# _update_versions).
+_LOST_RACE = frozenset({"23505", "23502"})
 
 # Column types whose values travel safely as one array parameter per column (unnest); others, such
 # as arrays (unnest would flatten them) or enums (their type name is schema-bound), use executemany.
@@ -171,9 +175,10 @@ def _unnest(name: str, item_type: Any) -> Any:
 # batch a transaction id for all of its handler work, and any open transaction id holds back the
 # event store's commit-ordered readers (the relay) in the same cluster. New streams are plainly
 # inserted, so a concurrent insert of the same stream is a unique violation, never an overwrite;
-# known streams are updated only where they still stand at the version read, and the count of rows
-# updated tells whether another process moved one meanwhile (it waits on that process's row lock
-# first, then sees its committed version).
+# a known stream that no longer stands at the version read (another process moved it meanwhile: the
+# update waits on that process's row lock first, then sees its committed version) is set to NULL,
+# which the NOT NULL column refuses. Both abort the transaction with an error, so that the check
+# holds without anyone reading the statement's result: a deferred commit sends it with the rest.
 _insert_versions = pg_insert(_versions).from_select(
     ["stream_id", "version"], select(_unnest("new_ids", Uuid), _unnest("new_versions", BigInteger))
 )
@@ -184,8 +189,11 @@ _changes = select(
 ).subquery("changes")
 _update_versions = (
     update(_versions)
-    .where(_versions.c.stream_id == _changes.c.stream_id, _versions.c.version == _changes.c.read_version)
-    .values(version=_changes.c.version, updated_at=func.now())
+    .where(_versions.c.stream_id == _changes.c.stream_id)
+    .values(
+        version=case((_versions.c.version == _changes.c.read_version, _changes.c.version), else_=null()),
+        updated_at=func.now(),
+    )
     .returning(_versions.c.stream_id)
 )
 _upsert_checkpoints = (
@@ -421,12 +429,25 @@ class _PostgresBatch:
         # With deferred commits: the statements left to send with the COMMIT, none of them waited for.
         deferred: list[str] | None = [] if target._defer else None
         try:
-            # Versions first: a batch that lost the race fails before flushing anything.
-            self._write_versions(versions, checkpoints)
+            if deferred is None:
+                # Versions first: a batch that lost the race fails before flushing anything.
+                self._write_versions(versions, checkpoints)
             staging = StagingTables(conn) if target.staging_min_rows is not None else None
             _flush(target, conn, staging, self._writes, deferred)
             if deferred is not None:
-                self.sent = _SentCommit(conn, SentQuery(conn, [*deferred, "COMMIT"]), staging)
+                # The versions first here too: a lost race aborts the transaction before the merges run.
+                params = self._bookkeeping(versions, checkpoints)
+                statements: list[tuple[str, Mapping[str, Any] | None]] = []
+                if params is not None:
+                    bookkeeping = target._statement(
+                        ("bookkeeping sql",),
+                        lambda: render(conn, _write_bookkeeping, target.schema, literal=False),
+                    )
+                    binary = {name: _BinaryList(values) for name, values in params.items()}
+                    statements.append((bookkeeping, binary))
+                statements += [(sql, None) for sql in deferred]
+                statements.append(("COMMIT", None))
+                self.sent = _SentCommit(conn, SentPipeline(conn, statements), staging)
                 return
             conn.commit()
             if staging is not None:
@@ -436,35 +457,39 @@ class _PostgresBatch:
             raise
         except DBAPIError as exc:
             conn.rollback()
-            if _retryable(exc):
+            if _conflict(exc):
                 raise BatchConflict(f"concurrent batch: {exc.orig}") from exc
             raise
 
     def _write_versions(self, versions: Mapping[str, int], checkpoints: Mapping[str, str]) -> None:
         """The new stream versions and the checkpoints, in one statement (see ``_write_bookkeeping``)."""
-        if not versions and not checkpoints:
+        params = self._bookkeeping(versions, checkpoints)
+        if params is None:
             return
+
+        updated = self._conn.execute(_write_bookkeeping, params).scalar_one()
+        if updated != len(params["ids"]):  # a known stream's row gone: not possible, but not exact
+            raise BatchConflict("another process applied some of this batch's streams first")
+
+    def _bookkeeping(
+        self, versions: Mapping[str, int], checkpoints: Mapping[str, str]
+    ) -> dict[str, list[Any]] | None:
+        """The parameters of ``_write_bookkeeping``, None if there is nothing to write."""
+        if not versions and not checkpoints:
+            return None
         read = self._read
         # Canonical UUID strings sort like the UUIDs, and much faster; one order everywhere keeps
         # two processes updating the same rows from deadlocking.
         ordered = sorted(versions.items())
         new = [(as_uuid(sid), v) for sid, v in ordered if sid not in read]
         known = [(as_uuid(sid), v) for sid, v in ordered if sid in read]
-        params = {
+        return {
             **_columns(known, "ids", "versions"),
             "read_versions": [read[sid] for sid, _ in ordered if sid in read],
             **_columns(new, "new_ids", "new_versions"),
             "sources": list(checkpoints),
             "positions": list(checkpoints.values()),
         }
-        try:
-            updated = self._conn.execute(_write_bookkeeping, params).scalar_one()
-        except DBAPIError as exc:
-            if getattr(exc.orig, "sqlstate", None) == _UNIQUE_VIOLATION:
-                raise BatchConflict("another process applied new streams of this batch first") from exc
-            raise
-        if updated != len(known):
-            raise BatchConflict("another process applied some of this batch's streams first")
 
     def _prefetch(self, spec: TableSpec, stream_ids: Sequence[UUID], texts: Sequence[str]) -> None:
         """Load the rows of ``spec`` keyed by these streams (UUIDs, and their canonical texts)."""
@@ -498,7 +523,7 @@ class _SentCommit:
 
     __slots__ = ("conn", "query", "staging")
 
-    def __init__(self, conn: Connection, query: SentQuery, staging: StagingTables | None) -> None:
+    def __init__(self, conn: Connection, query: SentPipeline, staging: StagingTables | None) -> None:
         self.conn = conn
         self.query = query
         self.staging = staging
@@ -511,7 +536,7 @@ class _SentCommit:
                 self.query.wait()
             except DBAPIError as exc:
                 _roll_back(conn)
-                if _retryable(exc):
+                if _conflict(exc):
                     raise BatchConflict(f"concurrent batch: {exc.orig}") from exc
                 raise
             except BaseException:
@@ -560,6 +585,19 @@ def _db_key(spec: TableSpec, key: Key) -> tuple[Any, ...]:
 def _retryable(exc: DBAPIError) -> bool:
     """A deadlock or serialization failure: running the whole batch again resolves it."""
     return getattr(exc.orig, "sqlstate", None) in _RETRYABLE
+
+
+def _conflict(exc: DBAPIError) -> bool:
+    """Whether ``exc`` says another process got there first: a deadlock or a serialization failure,
+    or a lost race on the stream versions (see ``_update_versions``). Applying the batch again
+    resolves it."""
+    if _retryable(exc):
+        return True
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) not in _LOST_RACE:
+        return False
+    diag = getattr(orig, "diag", None)
+    return getattr(diag, "table_name", None) == _versions.name
 
 
 def _columns(rows: list[tuple[Any, Any]], first: str, second: str) -> dict[str, list[Any]]:
