@@ -171,6 +171,24 @@ def test_a_deferred_batch_that_lost_the_race_conflicts_and_writes_nothing(
     assert (again.applied, again.duplicates) == (0, 4)
 
 
+def test_a_deferred_batch_whose_new_streams_another_process_applied_conflicts(
+    engine: Engine, target: PostgresTarget
+) -> None:
+    streams = [new_stream() for _ in range(3)]
+    other = PostgresTarget(engine, target.projection, schema=target.schema)  # a second process
+    target.defer_commits(True)
+    with pytest.raises(BatchConflict):
+        with target.batch() as batch:
+            assert batch.applied_versions(streams) == {}
+            batch.writes.increment(daily, {"day": DAY}, {"orders": 1, "revenue": Decimal(1)})
+            apply(other, [make_event(s, 1, "Counted") for s in streams], "b")
+            batch.commit(dict.fromkeys(streams, 1), {"log": "a"})
+        target.confirm_commit()
+    target.confirm_commit()
+    assert daily_totals(engine, target) == {DAY: (3, Decimal(3))}
+    assert target.checkpoints() == {"log": "b"}
+
+
 def test_the_consumer_applies_again_a_batch_whose_connection_was_cut_mid_commit(
     engine: Engine, target: PostgresTarget
 ) -> None:
