@@ -335,11 +335,12 @@ class PostgresTarget:
         waiting for PostgreSQL; :meth:`confirm_commit` then reads the outcome. Without, commits wait
         (the default).
 
-        Why: the consumer runtime polls Kafka for the next batch while PostgreSQL merges this one's
-        rows and flushes its commit. Only the wait moves: the stream versions are checked and
-        written before anything is sent (a lost race still fails in ``commit``), the transaction
-        and what it writes are the same, and the runtime confirms a batch before it applies the
-        next one, so every batch reads what the previous one's commit left.
+        Why: the consumer runtime polls Kafka for the next batch while PostgreSQL writes this one's
+        stream versions, merges its rows and flushes its commit. Only the wait moves: the
+        transaction and what it writes are the same, a lost race on the versions aborts it (raised
+        by ``commit`` or by :meth:`confirm_commit`, whichever reads the error), and the runtime
+        confirms a batch before it applies the next one, so every batch reads what the previous
+        one's commit left.
         """
         if not enabled and self._sent is not None:
             raise RuntimeError("a commit awaits confirm_commit()")
@@ -466,9 +467,9 @@ class _PostgresBatch:
         params = self._bookkeeping(versions, checkpoints)
         if params is None:
             return
-
         updated = self._conn.execute(_write_bookkeeping, params).scalar_one()
-        if updated != len(params["ids"]):  # a known stream's row gone: not possible, but not exact
+        # A known stream another process moved raised already; a row gone would show here.
+        if updated != len(params["ids"]):
             raise BatchConflict("another process applied some of this batch's streams first")
 
     def _bookkeeping(
