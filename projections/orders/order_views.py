@@ -44,7 +44,7 @@ class OrderViews(SqlProjection):
     def placed(self, event: ProjectedEvent, writes: SqlWrites) -> None:
         data = event.data
         lines: Lines = {
-            str(line["product_id"]): _line(line["quantity"], line["unit_price"]) for line in data.lines
+            _id_text(line["product_id"]): _line(line["quantity"], line["unit_price"]) for line in data.lines
         }
         writes.upsert(
             order_summaries,
@@ -67,13 +67,13 @@ class OrderViews(SqlProjection):
     def line_added(self, event: ProjectedEvent, writes: SqlWrites) -> None:
         data = event.data
         lines = dict(self._summary(event, writes)["lines"])
-        lines[str(data.product_id)] = _line(data.quantity, data.unit_price)
+        lines[_id_text(data.product_id)] = _line(data.quantity, data.unit_price)
         self._update(event, writes, lines=lines, **_totals(lines))
 
     @handles(_Order.LineRemoved)
     def line_removed(self, event: ProjectedEvent, writes: SqlWrites) -> None:
         lines = dict(self._summary(event, writes)["lines"])
-        lines.pop(str(event.data.product_id), None)
+        lines.pop(_id_text(event.data.product_id), None)
         self._update(event, writes, lines=lines, **_totals(lines))
 
     @handles(_Order.Paid)
@@ -118,11 +118,44 @@ def _line(quantity: int, unit_price: Decimal) -> dict[str, Any]:
 
 def _totals(lines: Lines) -> dict[str, Any]:
     """line_count, units and total, recomputed from the lines rather than patched, so they never drift."""
-    return {
-        "line_count": len(lines),
-        "units": sum(line["quantity"] for line in lines.values()),
-        "total": sum((line["quantity"] * Decimal(line["unit_price"]) for line in lines.values()), Decimal(0)),
-    }
+    units = 0
+    total = Decimal(0)
+    for line in lines.values():
+        quantity = line["quantity"]
+        units += quantity
+        total += quantity * _price(line["unit_price"])
+    return {"line_count": len(lines), "units": units, "total": total}
+
+
+# Why these caches: a handful of products and prices recur in every batch, and each line of each
+# event turned a product UUID into text (~1.5 µs) or a price text into a Decimal (~0.4 µs), where a
+# lookup costs a fraction of that. Both values are immutable, so sharing them is safe; the size is
+# bounded as sql_writes bounds its own.
+_ID_TEXTS: dict[Any, str] = {}
+_PRICES: dict[str, Decimal] = {}
+_CACHE_LIMIT = 100_000
+
+
+def _id_text(value: Any) -> str:
+    """``str(value)`` of a product id (a UUID, or already its text), remembered."""
+    found = _ID_TEXTS.get(value)
+    if found is None:
+        found = str(value)
+        if len(_ID_TEXTS) >= _CACHE_LIMIT:
+            _ID_TEXTS.clear()
+        _ID_TEXTS[value] = found
+    return found
+
+
+def _price(text: str) -> Decimal:
+    """``Decimal(text)`` of a stored unit price, remembered."""
+    found = _PRICES.get(text)
+    if found is None:
+        found = Decimal(text)
+        if len(_PRICES) >= _CACHE_LIMIT:
+            _PRICES.clear()
+        _PRICES[text] = found
+    return found
 
 
 def _count_sales(writes: SqlWrites, lines: Lines, day: date, sign: int) -> None:
@@ -137,7 +170,7 @@ def _count_sales(writes: SqlWrites, lines: Lines, day: date, sign: int) -> None:
             {"day": day, "product_id": product_id},
             {
                 "units": sign * quantity,
-                "revenue": sign * quantity * Decimal(line["unit_price"]),
+                "revenue": sign * quantity * _price(line["unit_price"]),
                 "orders": sign,
             },
         )

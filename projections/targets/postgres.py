@@ -2,8 +2,10 @@
 
 Each projection version lives in its own schema (``order_views_v1``), with its stream versions and
 source checkpoints beside its tables, so a rebuild into a new schema carries its own bookkeeping.
-A batch is one transaction: the stream versions are read ``FOR UPDATE``, the handlers' coalesced
-writes are flushed as one multi-row statement per table and column set, then everything commits.
+A batch is one transaction: the stream versions are read, the handlers' coalesced writes are
+flushed as one multi-row statement per table and column set with the new versions and checkpoints,
+then everything commits. With deferred commits (see :meth:`PostgresTarget.defer_commits`) the end
+of that transaction is sent without waiting for it, and confirmed before the next batch.
 """
 
 from __future__ import annotations
@@ -44,10 +46,12 @@ from sqlalchemy import (
     and_,
     any_,
     bindparam,
+    case,
     cast,
     delete,
     func,
     literal,
+    null,
     select,
     tuple_,
     update,
@@ -61,6 +65,7 @@ from projections.generations import deferred_indexes, is_building
 from projections.privileges import grant_projection_schema
 from projections.projection import Projection
 from projections.target import BatchConflict, TargetBatch
+from projections.targets.pg_deferred import SentPipeline, render, run_now
 from projections.targets.sql_staging import StagedUpsert, StagingTables, staged_columns
 from projections.targets.sql_writes import Change, Key, Row, SqlWrites, TableSpec, as_uuid, uuid_key
 
@@ -68,9 +73,11 @@ __all__ = ["PostgresTarget", "SqlProjection", "SqlWrites"]
 
 _SCHEMA_NAME = re.compile(r"[A-Za-z0-9_]{1,63}")
 
-# unique_violation, serialization_failure, deadlock_detected: another process got there first.
-_UNIQUE_VIOLATION = "23505"
+# serialization_failure, deadlock_detected: another process got there first.
 _RETRYABLE = frozenset({"40001", "40P01"})
+# unique_violation, not_null_violation: in the stream versions table, the sign of a lost race (see
+# _update_versions).
+_LOST_RACE = frozenset({"23505", "23502"})
 
 # Column types whose values travel safely as one array parameter per column (unnest); others, such
 # as arrays (unnest would flatten them) or enums (their type name is schema-bound), use executemany.
@@ -168,9 +175,10 @@ def _unnest(name: str, item_type: Any) -> Any:
 # batch a transaction id for all of its handler work, and any open transaction id holds back the
 # event store's commit-ordered readers (the relay) in the same cluster. New streams are plainly
 # inserted, so a concurrent insert of the same stream is a unique violation, never an overwrite;
-# known streams are updated only where they still stand at the version read, and the count of rows
-# updated tells whether another process moved one meanwhile (it waits on that process's row lock
-# first, then sees its committed version).
+# a known stream that no longer stands at the version read (another process moved it meanwhile: the
+# update waits on that process's row lock first, then sees its committed version) is set to NULL,
+# which the NOT NULL column refuses. Both abort the transaction with an error, so that the check
+# holds without anyone reading the statement's result: a deferred commit sends it with the rest.
 _insert_versions = pg_insert(_versions).from_select(
     ["stream_id", "version"], select(_unnest("new_ids", Uuid), _unnest("new_versions", BigInteger))
 )
@@ -181,8 +189,11 @@ _changes = select(
 ).subquery("changes")
 _update_versions = (
     update(_versions)
-    .where(_versions.c.stream_id == _changes.c.stream_id, _versions.c.version == _changes.c.read_version)
-    .values(version=_changes.c.version, updated_at=func.now())
+    .where(_versions.c.stream_id == _changes.c.stream_id)
+    .values(
+        version=case((_versions.c.version == _changes.c.read_version, _changes.c.version), else_=null()),
+        updated_at=func.now(),
+    )
     .returning(_versions.c.stream_id)
 )
 _upsert_checkpoints = (
@@ -250,6 +261,9 @@ class PostgresTarget:
         # sql_staging), which needs the TEMPORARY privilege on the database (PUBLIC has it unless
         # revoked); None: array parameters only.
         self.staging_min_rows = staging_min_rows
+        # Deferred commits (see defer_commits): whether they are on, and the one not yet confirmed.
+        self._defer = False
+        self._sent: _SentCommit | None = None
 
     def _prefetch_spec(self, name: str, metadata: MetaData) -> TableSpec:
         table = metadata.tables.get(name)
@@ -293,15 +307,55 @@ class PostgresTarget:
 
     @contextmanager
     def batch(self) -> Iterator[TargetBatch[SqlWrites]]:
-        """One transaction; it commits only through the batch's ``commit``."""
-        with self.engine.connect() as conn:
+        """One transaction; it commits only through the batch's ``commit``.
+
+        A deferred commit keeps the connection out of the pool until :meth:`confirm_commit`.
+        """
+        if self._sent is not None:
+            raise RuntimeError("a commit awaits confirm_commit()")
+        conn = self.engine.connect()
+        batch: _PostgresBatch | None = None
+        try:
             conn.execution_options(**self._translate)
             conn.begin()
-            try:
-                yield _PostgresBatch(self, conn)
-            finally:
-                if conn.in_transaction():
-                    conn.rollback()
+            batch = _PostgresBatch(self, conn)
+            yield batch
+        finally:
+            if batch is not None and batch.sent is not None:
+                self._sent = batch.sent  # the transaction's end is on its way: confirm_commit() reads it
+            else:
+                try:
+                    if conn.in_transaction():
+                        conn.rollback()
+                finally:
+                    conn.close()
+
+    def defer_commits(self, enabled: bool = True) -> None:
+        """With ``enabled``, a batch's commit sends the end of its transaction and returns without
+        waiting for PostgreSQL; :meth:`confirm_commit` then reads the outcome. Without, commits wait
+        (the default).
+
+        Why: the consumer runtime polls Kafka for the next batch while PostgreSQL writes this one's
+        stream versions, merges its rows and flushes its commit. Only the wait moves: the
+        transaction and what it writes are the same, a lost race on the versions aborts it (raised
+        by ``commit`` or by :meth:`confirm_commit`, whichever reads the error), and the runtime
+        confirms a batch before it applies the next one, so every batch reads what the previous
+        one's commit left.
+        """
+        if not enabled and self._sent is not None:
+            raise RuntimeError("a commit awaits confirm_commit()")
+        self._defer = enabled
+
+    def confirm_commit(self) -> None:
+        """Wait for the commit sent last, if it awaits confirmation, and raise what a waiting commit
+        would have raised: :class:`BatchConflict`, the statement's error, or the connection's (when
+        the commit may or may not have happened: applying the batch again is safe, the versions
+        skip what it did)."""
+        sent = self._sent
+        if sent is None:
+            return
+        self._sent = None
+        sent.finish()
 
     def checkpoints(self) -> dict[str, str]:
         """Every stored checkpoint: source -> position."""
@@ -340,6 +394,7 @@ class _PostgresBatch:
         # and every batch's pending rows would wait for the garbage collector to be freed.
         self._writes = SqlWrites(target._specs, partial(_load_row, target, conn))
         self._read: dict[str, int] = {}  # the versions applied_versions() saw
+        self.sent: _SentCommit | None = None  # the deferred end of the transaction, once sent
 
     @property
     def writes(self) -> SqlWrites:
@@ -371,11 +426,30 @@ class _PostgresBatch:
 
     def commit(self, versions: Mapping[str, int], checkpoints: Mapping[str, str]) -> None:
         conn = self._conn
+        target = self._target
+        # With deferred commits: the statements left to send with the COMMIT, none of them waited for.
+        deferred: list[str] | None = [] if target._defer else None
         try:
-            # Versions first: a batch that lost the race fails before flushing anything.
-            self._write_versions(versions, checkpoints)
-            staging = StagingTables(conn) if self._target.staging_min_rows is not None else None
-            _flush(self._target, conn, staging, self._writes)
+            if deferred is None:
+                # Versions first: a batch that lost the race fails before flushing anything.
+                self._write_versions(versions, checkpoints)
+            staging = StagingTables(conn) if target.staging_min_rows is not None else None
+            _flush(target, conn, staging, self._writes, deferred)
+            if deferred is not None:
+                # The versions first here too: a lost race aborts the transaction before the merges run.
+                params = self._bookkeeping(versions, checkpoints)
+                statements: list[tuple[str, Mapping[str, Any] | None]] = []
+                if params is not None:
+                    bookkeeping = target._statement(
+                        ("bookkeeping sql",),
+                        lambda: render(conn, _write_bookkeeping, target.schema, literal=False),
+                    )
+                    binary = {name: _BinaryList(values) for name, values in params.items()}
+                    statements.append((bookkeeping, binary))
+                statements += [(sql, None) for sql in deferred]
+                statements.append(("COMMIT", None))
+                self.sent = _SentCommit(conn, SentPipeline(conn, statements), staging)
+                return
             conn.commit()
             if staging is not None:
                 staging.committed()
@@ -384,35 +458,39 @@ class _PostgresBatch:
             raise
         except DBAPIError as exc:
             conn.rollback()
-            if _retryable(exc):
+            if _conflict(exc):
                 raise BatchConflict(f"concurrent batch: {exc.orig}") from exc
             raise
 
     def _write_versions(self, versions: Mapping[str, int], checkpoints: Mapping[str, str]) -> None:
         """The new stream versions and the checkpoints, in one statement (see ``_write_bookkeeping``)."""
-        if not versions and not checkpoints:
+        params = self._bookkeeping(versions, checkpoints)
+        if params is None:
             return
+        updated = self._conn.execute(_write_bookkeeping, params).scalar_one()
+        # A known stream another process moved raised already; a row gone would show here.
+        if updated != len(params["ids"]):
+            raise BatchConflict("another process applied some of this batch's streams first")
+
+    def _bookkeeping(
+        self, versions: Mapping[str, int], checkpoints: Mapping[str, str]
+    ) -> dict[str, list[Any]] | None:
+        """The parameters of ``_write_bookkeeping``, None if there is nothing to write."""
+        if not versions and not checkpoints:
+            return None
         read = self._read
         # Canonical UUID strings sort like the UUIDs, and much faster; one order everywhere keeps
         # two processes updating the same rows from deadlocking.
         ordered = sorted(versions.items())
         new = [(as_uuid(sid), v) for sid, v in ordered if sid not in read]
         known = [(as_uuid(sid), v) for sid, v in ordered if sid in read]
-        params = {
+        return {
             **_columns(known, "ids", "versions"),
             "read_versions": [read[sid] for sid, _ in ordered if sid in read],
             **_columns(new, "new_ids", "new_versions"),
             "sources": list(checkpoints),
             "positions": list(checkpoints.values()),
         }
-        try:
-            updated = self._conn.execute(_write_bookkeeping, params).scalar_one()
-        except DBAPIError as exc:
-            if getattr(exc.orig, "sqlstate", None) == _UNIQUE_VIOLATION:
-                raise BatchConflict("another process applied new streams of this batch first") from exc
-            raise
-        if updated != len(known):
-            raise BatchConflict("another process applied some of this batch's streams first")
 
     def _prefetch(self, spec: TableSpec, stream_ids: Sequence[UUID], texts: Sequence[str]) -> None:
         """Load the rows of ``spec`` keyed by these streams (UUIDs, and their canonical texts)."""
@@ -438,6 +516,47 @@ class _PostgresBatch:
             key = row[pk0]
             found[key if normalize is None else normalize(key)] = row
         self._writes.preload(table, found)
+
+
+class _SentCommit:
+    """A batch whose last statements and COMMIT were sent and not yet confirmed: its connection (out
+    of the pool until then), the query sent, and the staging tables the transaction created."""
+
+    __slots__ = ("conn", "query", "staging")
+
+    def __init__(self, conn: Connection, query: SentPipeline, staging: StagingTables | None) -> None:
+        self.conn = conn
+        self.query = query
+        self.staging = staging
+
+    def finish(self) -> None:
+        """Read the outcome, end the transaction on this side, and give the connection back."""
+        conn = self.conn
+        try:
+            try:
+                self.query.wait()
+            except DBAPIError as exc:
+                _roll_back(conn)
+                if _conflict(exc):
+                    raise BatchConflict(f"concurrent batch: {exc.orig}") from exc
+                raise
+            except BaseException:
+                conn.invalidate()  # interrupted while reading: what the connection holds is unknown
+                raise
+            # PostgreSQL committed already: psycopg finds the session idle and sends nothing.
+            conn.commit()
+            if self.staging is not None:
+                self.staging.committed()
+        finally:
+            conn.close()
+
+
+def _roll_back(conn: Connection) -> None:
+    """Roll back a failed transaction; a connection that cannot is dropped rather than pooled."""
+    try:
+        conn.rollback()
+    except DBAPIError:
+        conn.invalidate()
 
 
 def _load_row(target: PostgresTarget, conn: Connection, spec: TableSpec, key: Key) -> Row | None:
@@ -469,6 +588,19 @@ def _retryable(exc: DBAPIError) -> bool:
     return getattr(exc.orig, "sqlstate", None) in _RETRYABLE
 
 
+def _conflict(exc: DBAPIError) -> bool:
+    """Whether ``exc`` says another process got there first: a deadlock or a serialization failure,
+    or a lost race on the stream versions (see ``_update_versions``). Applying the batch again
+    resolves it."""
+    if _retryable(exc):
+        return True
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) not in _LOST_RACE:
+        return False
+    diag = getattr(orig, "diag", None)
+    return getattr(diag, "table_name", None) == _versions.name
+
+
 def _columns(rows: list[tuple[Any, Any]], first: str, second: str) -> dict[str, list[Any]]:
     return {first: [row[0] for row in rows], second: [row[1] for row in rows]}
 
@@ -482,16 +614,26 @@ _NO_COLUMNS: frozenset[str] = frozenset()
 
 
 def _flush(
-    target: PostgresTarget, conn: Connection, staging: StagingTables | None, writes: SqlWrites
+    target: PostgresTarget,
+    conn: Connection,
+    staging: StagingTables | None,
+    writes: SqlWrites,
+    deferred: list[str] | None = None,
 ) -> None:
-    """Deletes, then one insert-or-update per column signature, for each table in dependency order."""
+    """Deletes, then one insert-or-update per column signature, for each table in dependency order.
+
+    With ``deferred`` (a list), the merges from staging tables are added to it rather than run,
+    for the caller to send; statements with parameters run at once, after any deferred before
+    them, so that the order of the statements is kept.
+    """
     for spec, changes in writes.pending():
         deleted = [key for key, change in changes.items() if change.deleted]
         if deleted:
             _sort(spec, deleted, pairs=False)
             stmt = target._statement(("delete", spec), partial(_delete_statement, spec))
             parts = [_db_key(spec, key) for key in deleted]
-            conn.execute(stmt, {"keys": [part[0] for part in parts] if spec.pk0 is not None else parts})
+            keys = [part[0] for part in parts] if spec.pk0 is not None else parts
+            _run(conn, deferred, stmt, {"keys": keys})
         groups: dict[Signature, list[tuple[Key, Change]]] = {}
         odd: list[tuple[Key, Change]] = []
         for key, change in changes.items():
@@ -520,9 +662,16 @@ def _flush(
         for signature in sorted(groups, key=lambda s: bool(s[2])):
             rows = groups[signature]
             _sort(spec, rows, pairs=True)
-            _upsert_group(target, conn, staging, spec, signature, rows)
+            _upsert_group(target, conn, staging, spec, signature, rows, deferred)
         for key, change in odd:
-            conn.execute(_single_upsert(spec, key, change))
+            _run(conn, deferred, _single_upsert(spec, key, change))
+
+
+def _run(conn: Connection, deferred: list[str] | None, stmt: Any, params: Any = None) -> None:
+    """Execute ``stmt`` now, after the deferred statements before it."""
+    if deferred:
+        run_now(conn, deferred)
+    conn.execute(stmt, params)
 
 
 def _sort(spec: TableSpec, items: list[Any], pairs: bool) -> None:
@@ -550,7 +699,7 @@ def _delete_statement(spec: TableSpec) -> Executable:
 class _UpsertPlan:
     """How a group of rows of one table and column signature is flushed, built once per target."""
 
-    __slots__ = ("as_arrays", "columns", "staged", "staged_statement", "statement")
+    __slots__ = ("as_arrays", "columns", "staged", "staged_sql", "staged_statement", "statement")
 
     def __init__(self, spec: TableSpec, signature: Signature) -> None:
         table = spec.table
@@ -583,6 +732,7 @@ class _UpsertPlan:
             if self.staged is None
             else _on_conflict(spec, signature, self.staged.statement(spec, self.columns))
         )
+        self.staged_sql: str | None = None  # the staged statement as text, rendered on first use
 
 
 def _signature_name(spec: TableSpec, signature: Signature) -> str:
@@ -597,6 +747,7 @@ def _upsert_group(
     spec: TableSpec,
     signature: Signature,
     rows: list[tuple[Key, Change]],
+    deferred: list[str] | None = None,
 ) -> None:
     plan: _UpsertPlan = target._statement((spec, signature), partial(_UpsertPlan, spec, signature))
     columns = plan.columns
@@ -616,17 +767,28 @@ def _upsert_group(
     if staging is not None and plan.staged is not None and min_rows is not None and len(rows) >= min_rows:
         staged = plan.staged.arrays(arrays)
         if staged is not None:
+            # The COPY only fills the staging table: the deferred statements before it need not run first.
             staging.copy(plan.staged, staged)
-            conn.execute(plan.staged_statement)  # type: ignore[arg-type]  # set with staged
+            statement = plan.staged_statement
+            assert statement is not None  # set with staged
+            if deferred is None:
+                conn.execute(statement)
+            else:
+                if plan.staged_sql is None:
+                    plan.staged_sql = render(conn, statement, target.schema)
+                deferred.append(plan.staged_sql)
             return
     for array, name in zip(arrays, columns, strict=True):
         if isinstance(spec.table.c[name].type, Uuid):
             array[:] = [None if value is None else as_uuid(value) for value in array]
     if plan.as_arrays:
-        conn.execute(plan.statement, {f"p{i}": array for i, array in enumerate(arrays)})
+        _run(conn, deferred, plan.statement, {f"p{i}": array for i, array in enumerate(arrays)})
     else:
-        conn.execute(
-            plan.statement, [dict(zip(columns, row, strict=True)) for row in zip(*arrays, strict=True)]
+        _run(
+            conn,
+            deferred,
+            plan.statement,
+            [dict(zip(columns, row, strict=True)) for row in zip(*arrays, strict=True)],
         )
 
 
