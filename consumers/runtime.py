@@ -155,6 +155,9 @@ class ProjectionConsumer:
         # error met while confirming it in a rebalance callback (raised after the poll).
         self._unconfirmed: _Batch | None = None
         self._rebalance_error: BaseException | None = None
+        # Batches confirmed inside a rebalance callback, told to the observer after the poll.
+        self._unobserved: list[_Batch] = []
+        self._in_rebalance = False
         self._sink: KafkaDeadLetters | None = None
         self._stop = threading.Event()
         self._last_offsets: dict[TopicPartition, OffsetAndMetadata] = {}
@@ -175,6 +178,7 @@ class ProjectionConsumer:
         deferred = self.config.defer_commits and isinstance(target, DeferredCommits)
         self._sink, self._stop = sink, stop
         self._unconfirmed = self._rebalance_error = None
+        self._unobserved = []
         self._last_offsets = {}
         consumer: KafkaConsumer | None = None
         try:
@@ -196,6 +200,8 @@ class ProjectionConsumer:
                     self._confirm(sink, stop)
                 except _Stopped:
                     break
+                finally:
+                    self._observe_unobserved()
                 if not polled:
                     if timeout and watch.stuck(consumer):
                         consumer.close(autocommit=False)
@@ -268,7 +274,12 @@ class ProjectionConsumer:
         """``batch`` is applied and its checkpoints stored in the target: count it, tell the observer."""
         self.stats.add(batch.outcome)
         if self.config.observer is not None:
-            self.config.observer(self, batch.outcome, batch.seconds)
+            if self._in_rebalance:
+                # The observer is the user's code: it runs where the client may be used, not
+                # inside kafka-python's group join (where even leaving the group breaks the client).
+                self._unobserved.append(batch)
+            else:
+                self.config.observer(self, batch.outcome, batch.seconds)
         # Only for lag tools: the offsets that matter were committed with the batch.
         if self.kafka_consumer is not None:
             self.kafka_consumer.commit_async(offsets=batch.offsets)
@@ -280,10 +291,20 @@ class ProjectionConsumer:
         kafka-python only logs what a rebalance callback raises."""
         if self._unconfirmed is None or self._sink is None:
             return
+        self._in_rebalance = True
         try:
             self._confirm(self._sink, self._stop)
         except BaseException as exc:
             self._rebalance_error = exc
+        finally:
+            self._in_rebalance = False
+
+    def _observe_unobserved(self) -> None:
+        """Tell the observer of the batches confirmed during the last poll's rebalance, if any."""
+        observer = self.config.observer
+        while self._unobserved and observer is not None:
+            batch = self._unobserved.pop(0)
+            observer(self, batch.outcome, batch.seconds)
 
     def _raise_rebalance_error(self) -> None:
         error, self._rebalance_error = self._rebalance_error, None

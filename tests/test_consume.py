@@ -245,9 +245,9 @@ def test_a_consumer_left_without_partitions_rejoins_and_misses_nothing(pl: Pipel
             left.append(1)
 
     pl.start_relay()
-    # Commits not deferred: a deferred batch is confirmed (and observed) wherever the consumer
-    # confirms it, a poll's rebalance callbacks included, where leaving the group breaks the client.
-    consumer = pl.start_consumer(pl.views, observer=leave_once, unassigned_limit_s=1.0, defer_commits=False)
+    # With deferred commits (the default) the first batch may be confirmed inside a rebalance
+    # callback: the consumer tells the observer after the poll, where leaving the group is safe.
+    consumer = pl.start_consumer(pl.views, observer=leave_once, unassigned_limit_s=1.0)
     customer, (p0,) = pl.seed_catalog(1, stock=100)
     first = pl.commands.place_order({"customer_id": customer, "lines": [{"product_id": p0, "quantity": 1}]})
     wait_until(lambda: bool(left), timeout=60, what="the consumer's first batch")
