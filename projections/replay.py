@@ -8,10 +8,14 @@ checks all go through here.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+
+from sqlalchemy import Connection, Engine, event
 
 from eventstore.records import LOG_START, LogPosition
 from eventstore.store import EventStore
@@ -90,7 +94,10 @@ def replay(
 
     # Why a reader thread: the next batch's query runs in the server (and its rows arrive) while
     # this batch is applied. Each batch still commits its own checkpoint, in order.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-read") as reader:
+    with (
+        _commits_without_flush_wait(target),
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-read") as reader,
+    ):
         pending = reader.submit(read, stats.position)
         while True:
             events = pending.result()
@@ -118,6 +125,43 @@ def replay(
         reasons = ", ".join(sorted({d.reason for d in collected}))
         raise ReplayDeadLetters(collected, f"{len(collected)} events could not be applied ({reasons})")
     return stats
+
+
+@contextmanager
+def _commits_without_flush_wait(target: ProjectionTarget[Any]) -> Iterator[None]:
+    """While it lasts, this thread's transactions on a PostgreSQL target's engine commit with
+    ``synchronous_commit = off`` (``SET LOCAL``: that transaction only, whatever the session).
+
+    Why it is safe for a replay, and only for it: each batch commits its ``log`` checkpoint in the
+    same transaction as its writes, and WAL is flushed in order, so a server crash can only lose the
+    last few batches whole, their checkpoint with them; the replay resumes from the checkpoint that
+    survived and applies them again. Any later commit that does wait (the rebuild's activation, a
+    live consumer's batch) flushes them first. The COMMIT then returns without waiting for the WAL
+    flush (an fsync per batch). Live consumption never runs through here: a Kafka offset committed
+    for a batch that a crash then loses would skip that batch.
+    """
+    engine = getattr(target, "engine", None)
+    if not isinstance(engine, Engine) or engine.dialect.name != "postgresql":
+        yield
+        return
+    replaying = threading.get_ident()
+
+    def begin(conn: Connection) -> None:
+        if threading.get_ident() != replaying:
+            return  # another thread's transaction on the same engine (a live consumer's, a registry's)
+        # Through the DBAPI cursor: SQLAlchemy's transaction is not set up yet while this event runs.
+        # Its first statement begins the driver's transaction, which SET LOCAL applies to.
+        with conn.connection.dbapi_connection.cursor() as cursor:  # type: ignore[union-attr]
+            cursor.execute(_ASYNC_COMMIT)
+
+    event.listen(engine, "begin", begin)
+    try:
+        yield
+    finally:
+        event.remove(engine, "begin", begin)
+
+
+_ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
 
 
 def _with_record(letter: DeadLetter) -> DeadLetter:
