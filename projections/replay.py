@@ -7,6 +7,7 @@ checks all go through here.
 
 from __future__ import annotations
 
+import gc
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -96,6 +97,7 @@ def replay(
     # this batch is applied. Each batch still commits its own checkpoint, in order.
     with (
         _commits_without_flush_wait(target),
+        _CollectionBetweenBatches() as collection,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-read") as reader,
     ):
         pending = reader.submit(read, stats.position)
@@ -114,6 +116,7 @@ def replay(
             del events
             outcome = apply_batch(projection, target, items, {name: str(last)}, sink)
             del items
+            collection.after_batch()
             stats.events_read += count
             stats.applied += outcome.applied
             stats.duplicates += outcome.duplicates
@@ -125,6 +128,40 @@ def replay(
         reasons = ", ".join(sorted({d.reason for d in collected}))
         raise ReplayDeadLetters(collected, f"{len(collected)} events could not be applied ({reasons})")
     return stats
+
+
+# Net new tracked objects (allocated less freed) since the last collection above which a replay
+# collects cycles after its batch: order_views replaying 5,000-event batches stays at 20,000-50,000
+# (the next batch being read, the id caches); a projection that made cyclic garbage would pass this
+# within a few batches, holding some tens of MB at most.
+_YOUNG_LIMIT = 250_000
+
+
+class _CollectionBetweenBatches:
+    """The garbage collector paused while a replay runs, collecting between batches when needed.
+
+    Why: a batch's events and pending writes live until it commits, and the next batch arrives
+    meanwhile, so the collector's automatic young collections (every 50,000 allocations, see
+    ``consumers.runtime``) walked them again and again: ~7% of a PostgreSQL replay's CPU, for no
+    garbage (its objects are freed by reference counting; peak memory is the same without them). A
+    cycle still gets collected: after a batch, once the net count of new objects (which frees lower)
+    passes ``_YOUNG_LIMIT``. Left alone if something else had disabled the collector; the process's
+    other threads see it paused too, their garbage counted in the same figure.
+    """
+
+    def __enter__(self) -> _CollectionBetweenBatches:
+        self.paused = gc.isenabled()
+        if self.paused:
+            gc.disable()
+        return self
+
+    def after_batch(self) -> None:
+        if self.paused and gc.get_count()[0] > _YOUNG_LIMIT:
+            gc.collect()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.paused:
+            gc.enable()
 
 
 @contextmanager
