@@ -183,8 +183,8 @@ def _commits_without_flush_wait(target: ProjectionTarget[Any]) -> Iterator[None]
     last few batches whole, their checkpoint with them; the replay resumes from the checkpoint that
     survived and applies them again. Any later commit that does wait (the rebuild's activation, a
     live consumer's batch) flushes them first. The COMMIT then returns without waiting for the WAL
-    flush (an fsync per batch). Live consumption never runs through here: a Kafka offset committed
-    for a batch that a crash then loses would skip that batch.
+    flush (an fsync per batch). Live consumption never runs through here: what it commits is served
+    to readers as done at once, and it keeps the durability every other commit has.
     """
     engine = getattr(target, "engine", None)
     if not isinstance(engine, Engine) or engine.dialect.name != "postgresql":
