@@ -18,7 +18,9 @@ the replay phase, all processes together.
 Rounds alternate; figures are medians. Peak RSS is the highest of the rebuild runs: a run's is its
 process's peak RSS, or with workers the peak of its RSS plus theirs, sampled together every 100 ms
 (an upper bound: forked workers share pages with their parent, and the sum counts those twice).
-The last line is one JSON object with the figures.
+Activation (``GenerationRegistry.activate``: building the generation's deferred indexes, moving the
+readers' alias) is timed on its own, outside the replay phase (``pg_activate_s``,
+``redis_activate_s``). The last line is one JSON object with the figures.
 """
 
 from __future__ import annotations
@@ -155,6 +157,18 @@ def child_rebuild(schema: str, which: str, prefix: str, workers: int = 1) -> dic
         projection, models.registry, models.make_target, models.drop_target, store,
         settings.kafka_config(), config, options, on_progress=on_progress,
     )  # fmt: skip
+    # Activation (building the deferred indexes, moving the readers' alias), timed around the call.
+    activate = models.registry.activate
+    activation: list[float] = []
+
+    def timed_activate(*args: Any, **kwargs: Any) -> Any:
+        begun = time.perf_counter()
+        try:
+            return activate(*args, **kwargs)
+        finally:
+            activation.append(time.perf_counter() - begun)
+
+    models.registry.activate = timed_activate  # type: ignore[method-assign]
     sampler = _MemorySampler()
     sampler.start()
     try:
@@ -175,7 +189,13 @@ def child_rebuild(schema: str, which: str, prefix: str, workers: int = 1) -> dic
     # With one process this is its peak RSS, as before; with workers, the sampled sum over them all.
     rss = max(_rss_mb(), sampler.peak_mb)
     pss = sampler.peak_pss_mb
-    return {"rate": events / replay_seconds, "events": events, "rss_mb": rss, "pss_mb": pss}
+    return {
+        "rate": events / replay_seconds,
+        "events": events,
+        "rss_mb": rss,
+        "pss_mb": pss,
+        "activate_s": sum(activation),
+    }
 
 
 def _forget(settings: Settings, name: str, which: str) -> None:
@@ -310,6 +330,7 @@ def main() -> None:
         rates: dict[str, list[float]] = {"read": [], "pg": [], "redis": []}
         rss: list[float] = []
         pss: list[float] = []
+        activations: dict[str, list[float]] = {"pg": [], "redis": []}
         consumed: dict[str, float] = {}
         for round_no in range(1, args.rounds + 1):
             for kind in ("read", "pg", "redis"):
@@ -320,6 +341,7 @@ def main() -> None:
                 if kind != "read":
                     rss.append(result["rss_mb"])
                     pss.append(result["pss_mb"])
+                    activations[kind].append(result["activate_s"])
                 print(
                     f"round {round_no} {kind:<5} {result['rate']:>10,.0f} /s  "
                     f"({result['events']:,.0f} events)"
@@ -336,6 +358,7 @@ def main() -> None:
 
     read, pg, redis_rate = (statistics.median(rates[k]) for k in ("read", "pg", "redis"))
     peak, peak_pss = max(rss), max(pss)
+    activate_pg, activate_redis = (statistics.median(activations[k]) for k in ("pg", "redis"))
     print()
     print(f"bare read of the log:   {read:>10,.0f} rows/s   ({consumed['read']:,.0f} rows)")
     print(
@@ -353,6 +376,10 @@ def main() -> None:
         f"(PSS, shared pages counted once: {peak_pss:,.0f} MB)"
     )
     print(
+        f"activation (indexes built, readers switched): PostgreSQL {activate_pg:.2f} s, "
+        f"Redis {activate_redis:.2f} s"
+    )
+    print(
         json.dumps(
             {
                 "pg_events_per_s": round(pg, 1),
@@ -362,6 +389,8 @@ def main() -> None:
                 "events": loaded,
                 "peak_pss_mb": round(peak_pss, 1),
                 "workers": args.workers,
+                "pg_activate_s": round(activate_pg, 2),
+                "redis_activate_s": round(activate_redis, 2),
             }
         )
     )

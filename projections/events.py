@@ -109,7 +109,7 @@ _ENVELOPE_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # Stream ids known to be in that form (matched, or made by str(UUID(...))); bounded like the caches below.
 _CANONICAL_IDS: set[str] = set()
-_CANONICAL_IDS_LIMIT = 100_000
+_CANONICAL_IDS_LIMIT = 16_384
 
 
 def event_from_envelope(value: bytes | None) -> ProjectedEvent:
@@ -410,7 +410,7 @@ def _revivers(transcodings: Mapping[str, Transcoding]) -> dict[str, Reviver]:
 
 
 _UUIDS: dict[str, UUID] = {}
-_UUID_CACHE_LIMIT = 100_000
+_UUID_CACHE_LIMIT = 16_384  # bounded like the stream id caches below, for the same reasons
 
 
 def _remembered_uuid(data: str) -> UUID:
@@ -494,7 +494,11 @@ def _revive_owned_list(items: list[Any], revivers: dict[str, Reviver]) -> None:
 
 _STREAM_UUIDS: dict[str, UUID] = {}
 _STREAM_TEXTS: dict[UUID, str] = {}
-_STREAM_UUID_CACHE_LIMIT = 100_000
+# Why 16,384 and not more: what these caches save comes from a stream's events arriving close
+# together (within a batch or a few) and from a few hot ids; an entry costs ~200 bytes, so 100,000
+# of them held ~20 MB per cache for a replay that meets each stream once (~70 MB of a two-process
+# rebuild's peak RSS), at no measurable gain in CPU. Cleared when full: cheaper per call than an LRU.
+_STREAM_UUID_CACHE_LIMIT = 16_384
 
 
 def _stream_uuid(stream_id: str) -> UUID:

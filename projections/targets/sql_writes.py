@@ -20,7 +20,10 @@ Row = dict[str, Any]
 RowLoader = Callable[["TableSpec", Key], "Row | None"]
 
 _UUIDS: dict[Any, UUID] = {}
-_UUID_CACHE_LIMIT = 100_000
+# Per-batch reuse (a stream's key is looked up at its versions, by each handler and at the flush)
+# and hot ids need only a few batches' worth; 100,000 entries held ~20 MB per cache in a replay
+# that meets each stream once. Cleared when full: cheaper per call than an LRU.
+_UUID_CACHE_LIMIT = 16_384
 _UUID_TEXTS: dict[str, str] = {}
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
