@@ -133,7 +133,7 @@ def _totals(lines: Lines) -> dict[str, Any]:
 # bounded as sql_writes bounds its own.
 _ID_TEXTS: dict[Any, str] = {}
 _PRICES: dict[str, Decimal] = {}
-_CACHE_LIMIT = 100_000
+_CACHE_LIMIT = 16_384
 
 
 def _id_text(value: Any) -> str:

@@ -11,53 +11,35 @@ of that transaction is sent without waiting for it, and confirmed before the nex
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import partial
 from typing import Any, ClassVar
 from uuid import UUID
 
-import psycopg
-from psycopg.types.array import ListBinaryDumper
 from sqlalchemy import (
-    ARRAY,
-    JSON,
     BigInteger,
-    Boolean,
     Column,
     Connection,
-    Date,
     DateTime,
     Engine,
-    Enum,
     Executable,
-    Float,
-    Integer,
-    Interval,
-    LargeBinary,
     MetaData,
-    Numeric,
-    String,
     Table,
     Text,
-    Time,
-    TypeDecorator,
     Uuid,
     and_,
     any_,
     bindparam,
     case,
     cast,
-    delete,
     func,
     literal,
     null,
     select,
-    tuple_,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateIndex, CreateSchema, CreateTable, DropSchema
 
@@ -65,9 +47,11 @@ from projections.generations import deferred_indexes, is_building
 from projections.privileges import grant_projection_schema
 from projections.projection import Projection
 from projections.target import BatchConflict, TargetBatch
-from projections.targets.pg_deferred import SentPipeline, render, run_now
-from projections.targets.sql_staging import StagedUpsert, StagingTables, staged_columns
-from projections.targets.sql_writes import Change, Key, Row, SqlWrites, TableSpec, as_uuid, uuid_key
+from projections.targets.pg_deferred import SentPipeline, render
+from projections.targets.sql_arrays import BinaryArray, BinaryList, unnest_param
+from projections.targets.sql_flush import STAGING_MIN_ROWS, db_key, flush_writes
+from projections.targets.sql_staging import StagingTables
+from projections.targets.sql_writes import Key, Row, SqlWrites, TableSpec, as_uuid, uuid_key
 
 __all__ = ["PostgresTarget", "SqlProjection", "SqlWrites"]
 
@@ -78,28 +62,6 @@ _RETRYABLE = frozenset({"40001", "40P01"})
 # unique_violation, not_null_violation: in the stream versions table, the sign of a lost race (see
 # _update_versions).
 _LOST_RACE = frozenset({"23505", "23502"})
-
-# Column types whose values travel safely as one array parameter per column (unnest); others, such
-# as arrays (unnest would flatten them) or enums (their type name is schema-bound), use executemany.
-_ARRAY_SAFE = (
-    String,
-    Integer,
-    Numeric,
-    Float,
-    Boolean,
-    Date,
-    DateTime,
-    Time,
-    Interval,
-    Uuid,
-    JSON,
-    LargeBinary,
-)
-_ARRAY_UNSAFE = (ARRAY, Enum, TypeDecorator)
-
-# The fewest rows of one table and column set that a flush sends by COPY (see sql_staging): below,
-# the round trip COPY adds costs more than the ~5 µs of client CPU per row it saves.
-STAGING_MIN_ROWS = 64
 
 
 class SqlProjection(Projection[SqlWrites]):
@@ -112,36 +74,6 @@ class SqlProjection(Projection[SqlWrites]):
 
     metadata: ClassVar[MetaData]
     prefetch: ClassVar[tuple[str, ...]] = ()
-
-
-class _BinaryList(list[Any]):
-    """A list psycopg sends as a binary array (see :class:`_BinaryArray`)."""
-
-
-# Why binary: psycopg sends an array parameter as text by default, and builds that text in Python,
-# quoting and escaping each element: ~24 ms for a 1,000-row batch of order summaries (the JSON
-# lines, the timestamps and the UUIDs most of all), against ~5 ms in binary. Registered for this
-# private list type only, so no other parameter anywhere changes format. A connection made before
-# this module was imported does not know it and sends the same values as text: slower, not wrong.
-# Psycopg itself falls back to text for a list without a value to take the element type from.
-psycopg.adapters.register_dumper(_BinaryList, ListBinaryDumper)
-
-
-class _BinaryArray(TypeDecorator[Any]):
-    """``ARRAY(item_type)`` for bound parameters, its value handed to psycopg as a :class:`_BinaryList`."""
-
-    impl = ARRAY
-    cache_ok = True
-
-    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any]:
-        process = super().bind_processor(dialect)
-
-        def binary(value: Any) -> Any:
-            if process is not None:
-                value = process(value)
-            return None if value is None else _BinaryList(value)
-
-        return binary
 
 
 _BOOKKEEPING = MetaData()
@@ -162,13 +94,9 @@ _checkpoints = Table(
 
 # The ids come back as text, canonical as stream ids are: no UUID object built, nor str() of one.
 _select_versions = select(cast(_versions.c.stream_id, Text), _versions.c.version).where(
-    _versions.c.stream_id == any_(bindparam("ids", type_=_BinaryArray(Uuid)))
+    _versions.c.stream_id == any_(bindparam("ids", type_=BinaryArray(Uuid)))
 )
 _select_version = select(_versions.c.version).where(_versions.c.stream_id == bindparam("id", type_=Uuid))
-
-
-def _unnest(name: str, item_type: Any) -> Any:
-    return func.unnest(bindparam(name, type_=_BinaryArray(item_type)))
 
 
 # Versions are checked optimistically, not locked when read: a row lock at read time would give the
@@ -180,12 +108,12 @@ def _unnest(name: str, item_type: Any) -> Any:
 # which the NOT NULL column refuses. Both abort the transaction with an error, so that the check
 # holds without anyone reading the statement's result: a deferred commit sends it with the rest.
 _insert_versions = pg_insert(_versions).from_select(
-    ["stream_id", "version"], select(_unnest("new_ids", Uuid), _unnest("new_versions", BigInteger))
+    ["stream_id", "version"], select(unnest_param("new_ids", Uuid), unnest_param("new_versions", BigInteger))
 )
 _changes = select(
-    _unnest("ids", Uuid).label("stream_id"),
-    _unnest("read_versions", BigInteger).label("read_version"),
-    _unnest("versions", BigInteger).label("version"),
+    unnest_param("ids", Uuid).label("stream_id"),
+    unnest_param("read_versions", BigInteger).label("read_version"),
+    unnest_param("versions", BigInteger).label("version"),
 ).subquery("changes")
 _update_versions = (
     update(_versions)
@@ -198,7 +126,9 @@ _update_versions = (
 )
 _upsert_checkpoints = (
     pg_insert(_checkpoints)
-    .from_select(["source", "position"], select(_unnest("sources", Text), _unnest("positions", Text)))
+    .from_select(
+        ["source", "position"], select(unnest_param("sources", Text), unnest_param("positions", Text))
+    )
     .on_conflict_do_update(
         index_elements=[_checkpoints.c.source],
         set_={"position": pg_insert(_checkpoints).excluded.position, "updated_at": func.now()},
@@ -434,7 +364,7 @@ class _PostgresBatch:
                 # Versions first: a batch that lost the race fails before flushing anything.
                 self._write_versions(versions, checkpoints)
             staging = StagingTables(conn) if target.staging_min_rows is not None else None
-            _flush(target, conn, staging, self._writes, deferred)
+            flush_writes(target, conn, staging, self._writes, deferred)
             if deferred is not None:
                 # The versions first here too: a lost race aborts the transaction before the merges run.
                 params = self._bookkeeping(versions, checkpoints)
@@ -444,7 +374,7 @@ class _PostgresBatch:
                         ("bookkeeping sql",),
                         lambda: render(conn, _write_bookkeeping, target.schema, literal=False),
                     )
-                    binary = {name: _BinaryList(values) for name, values in params.items()}
+                    binary = {name: BinaryList(values) for name, values in params.items()}
                     statements.append((bookkeeping, binary))
                 statements += [(sql, None) for sql in deferred]
                 statements.append(("COMMIT", None))
@@ -505,7 +435,7 @@ class _PostgresBatch:
         stmt = self._target._statement(
             ("prefetch", spec),
             lambda: select(table).where(
-                table.c[spec.pk[0]] == any_(bindparam("ids", type_=_BinaryArray(table.c[spec.pk[0]].type)))
+                table.c[spec.pk[0]] == any_(bindparam("ids", type_=BinaryArray(table.c[spec.pk[0]].type)))
             ),
         )
         found: dict[Key, Row | None] = dict.fromkeys(keys)
@@ -569,18 +499,9 @@ def _load_row(target: PostgresTarget, conn: Connection, spec: TableSpec, key: Ke
         )
 
     stmt = target._statement(("load", spec), build)
-    parts = _db_key(spec, key)
+    parts = db_key(spec, key)
     values = conn.execute(stmt, {f"k{i}": part for i, part in enumerate(parts)}).first()
     return None if values is None else dict(zip(spec.column_names, values, strict=True))
-
-
-def _db_key(spec: TableSpec, key: Key) -> tuple[Any, ...]:
-    """The parts of a normalized key as the database takes them: UUID columns' keys back to UUIDs."""
-    parts = (key,) if spec.pk0 is not None else key
-    return tuple(
-        part if normalize is not uuid_key else as_uuid(part)
-        for part, normalize in zip(parts, spec.normalizers, strict=True)
-    )
 
 
 def _retryable(exc: DBAPIError) -> bool:
@@ -603,220 +524,3 @@ def _conflict(exc: DBAPIError) -> bool:
 
 def _columns(rows: list[tuple[Any, Any]], first: str, second: str) -> dict[str, list[Any]]:
     return {first: [row[0] for row in rows], second: [row[1] for row in rows]}
-
-
-# --- flushing the coalesced writes ---
-
-Signature = tuple[frozenset[str], frozenset[str], frozenset[str]]
-
-
-_NO_COLUMNS: frozenset[str] = frozenset()
-
-
-def _flush(
-    target: PostgresTarget,
-    conn: Connection,
-    staging: StagingTables | None,
-    writes: SqlWrites,
-    deferred: list[str] | None = None,
-) -> None:
-    """Deletes, then one insert-or-update per column signature, for each table in dependency order.
-
-    With ``deferred`` (a list), the merges from staging tables are added to it rather than run,
-    for the caller to send; statements with parameters run at once, after any deferred before
-    them, so that the order of the statements is kept.
-    """
-    for spec, changes in writes.pending():
-        deleted = [key for key, change in changes.items() if change.deleted]
-        if deleted:
-            _sort(spec, deleted, pairs=False)
-            stmt = target._statement(("delete", spec), partial(_delete_statement, spec))
-            parts = [_db_key(spec, key) for key in deleted]
-            keys = [part[0] for part in parts] if spec.pk0 is not None else parts
-            _run(conn, deferred, stmt, {"keys": keys})
-        groups: dict[Signature, list[tuple[Key, Change]]] = {}
-        odd: list[tuple[Key, Change]] = []
-        for key, change in changes.items():
-            if not change.exists:
-                continue
-            values = change.values
-            adds = change.adds
-            # An increment default later incremented inserts default + amount but adds only the
-            # amount: `excluded.col` cannot express that, so such rows get a statement each.
-            if adds and any(values[column] != amount for column, amount in adds.items()):
-                odd.append((key, change))
-                continue
-            # The shared frozensets of rows written whole (see SqlWrites._replace) are used as they are.
-            sets = change.sets
-            signature = (
-                spec.columns if len(values) == spec.width else frozenset(values),
-                sets if sets.__class__ is frozenset else frozenset(sets),
-                frozenset(adds) if adds else _NO_COLUMNS,
-            )
-            group = groups.get(signature)
-            if group is None:
-                groups[signature] = [(key, change)]
-            else:
-                group.append((key, change))
-        # Plain upserts before increments; rows in key order so that concurrent batches lock alike.
-        for signature in sorted(groups, key=lambda s: bool(s[2])):
-            rows = groups[signature]
-            _sort(spec, rows, pairs=True)
-            _upsert_group(target, conn, staging, spec, signature, rows, deferred)
-        for key, change in odd:
-            _run(conn, deferred, _single_upsert(spec, key, change))
-
-
-def _run(conn: Connection, deferred: list[str] | None, stmt: Any, params: Any = None) -> None:
-    """Execute ``stmt`` now, after the deferred statements before it."""
-    if deferred:
-        run_now(conn, deferred)
-    conn.execute(stmt, params)
-
-
-def _sort(spec: TableSpec, items: list[Any], pairs: bool) -> None:
-    """Sort keys, or (key, change) pairs, so that concurrent batches lock rows in the same order.
-
-    UUID columns' keys are canonical texts (``uuid_key``), which sort as the UUIDs do.
-    """
-    with suppress(TypeError):  # keys of mixed types: any order is correct, only less deadlock-proof
-        items.sort(key=_pair_key) if pairs else items.sort()
-
-
-def _pair_key(pair: tuple[Key, Change]) -> Key:
-    return pair[0]
-
-
-def _delete_statement(spec: TableSpec) -> Executable:
-    table = spec.table
-    if spec.pk0 is not None:
-        column = table.c[spec.pk0]
-        return delete(table).where(column == any_(bindparam("keys", type_=_BinaryArray(column.type))))
-    columns = [table.c[name] for name in spec.pk]
-    return delete(table).where(tuple_(*columns).in_(bindparam("keys", expanding=True)))
-
-
-class _UpsertPlan:
-    """How a group of rows of one table and column signature is flushed, built once per target."""
-
-    __slots__ = ("as_arrays", "columns", "staged", "staged_sql", "staged_statement", "statement")
-
-    def __init__(self, spec: TableSpec, signature: Signature) -> None:
-        table = spec.table
-        names = signature[0]
-        self.columns = tuple(name for name in spec.column_names if name in names)
-        self.as_arrays = all(
-            isinstance(table.c[name].type, _ARRAY_SAFE) and not isinstance(table.c[name].type, _ARRAY_UNSAFE)
-            for name in self.columns
-        )
-        if self.as_arrays:
-            source = select(
-                *(
-                    func.unnest(bindparam(f"p{i}", type_=_BinaryArray(table.c[name].type)))
-                    for i, name in enumerate(self.columns)
-                )
-            )
-            self.statement = _on_conflict(
-                spec, signature, pg_insert(table).from_select(list(self.columns), source)
-            )
-        else:
-            self.statement = _on_conflict(spec, signature, pg_insert(table))
-        staged = staged_columns(spec, self.columns)
-        self.staged = (
-            None
-            if staged is None
-            else StagedUpsert(spec, self.columns, staged, _signature_name(spec, signature))
-        )
-        self.staged_statement = (
-            None
-            if self.staged is None
-            else _on_conflict(spec, signature, self.staged.statement(spec, self.columns))
-        )
-        self.staged_sql: str | None = None  # the staged statement as text, rendered on first use
-
-
-def _signature_name(spec: TableSpec, signature: Signature) -> str:
-    """The table and its column signature as text, the same in every process."""
-    return "|".join([spec.table.name, *(",".join(sorted(names)) for names in signature)])
-
-
-def _upsert_group(
-    target: PostgresTarget,
-    conn: Connection,
-    staging: StagingTables | None,
-    spec: TableSpec,
-    signature: Signature,
-    rows: list[tuple[Key, Change]],
-    deferred: list[str] | None = None,
-) -> None:
-    plan: _UpsertPlan = target._statement((spec, signature), partial(_UpsertPlan, spec, signature))
-    columns = plan.columns
-    pk_index = {name: i for i, name in enumerate(spec.pk)}
-    single = spec.pk0 is not None
-    arrays: list[list[Any]] = []
-    for name in columns:
-        i = pk_index.get(name)
-        if i is None:
-            arrays.append([change.values[name] for _, change in rows])
-        else:
-            # UUID columns' keys are UUID texts: staged as they are, made UUIDs for the arrays.
-            arrays.append([key for key, _ in rows] if single else [key[i] for key, _ in rows])
-    # Small groups keep the one-statement array path: COPY costs a round trip more, which a live
-    # consumer's small batches at a steady rate would pay in latency for little CPU saved.
-    min_rows = target.staging_min_rows
-    if staging is not None and plan.staged is not None and min_rows is not None and len(rows) >= min_rows:
-        staged = plan.staged.arrays(arrays)
-        if staged is not None:
-            # The COPY only fills the staging table: the deferred statements before it need not run first.
-            staging.copy(plan.staged, staged)
-            statement = plan.staged_statement
-            assert statement is not None  # set with staged
-            if deferred is None:
-                conn.execute(statement)
-            else:
-                if plan.staged_sql is None:
-                    plan.staged_sql = render(conn, statement, target.schema)
-                deferred.append(plan.staged_sql)
-            return
-    for array, name in zip(arrays, columns, strict=True):
-        if isinstance(spec.table.c[name].type, Uuid):
-            array[:] = [None if value is None else as_uuid(value) for value in array]
-    if plan.as_arrays:
-        _run(conn, deferred, plan.statement, {f"p{i}": array for i, array in enumerate(arrays)})
-    else:
-        _run(
-            conn,
-            deferred,
-            plan.statement,
-            [dict(zip(columns, row, strict=True)) for row in zip(*arrays, strict=True)],
-        )
-
-
-def _on_conflict(spec: TableSpec, signature: Signature, stmt: Any) -> Executable:
-    """``stmt`` (an INSERT of the signature's columns) with its ``ON CONFLICT (pk)`` clause."""
-    table = spec.table
-    names, sets, adds = signature
-    columns = [name for name in spec.column_names if name in names]
-    update: dict[str, Any] = {
-        name: stmt.excluded[name] for name in columns if name in sets and name not in spec.pk_set
-    }
-    for name in columns:
-        if name in adds:
-            update[name] = func.coalesce(table.c[name], 0) + stmt.excluded[name]
-    pk = [table.c[name] for name in spec.pk]
-    if update:
-        result: Executable = stmt.on_conflict_do_update(index_elements=pk, set_=update)
-        return result
-    result = stmt.on_conflict_do_nothing(index_elements=pk)
-    return result
-
-
-def _single_upsert(spec: TableSpec, key: Key, change: Change) -> Executable:
-    table = spec.table
-    values = dict(change.values)
-    values.update(zip(spec.pk, _db_key(spec, key), strict=True))
-    stmt = pg_insert(table).values(values)
-    update: dict[str, Any] = {name: stmt.excluded[name] for name in change.sets if name not in spec.pk_set}
-    for name, amount in change.adds.items():
-        update[name] = func.coalesce(table.c[name], 0) + literal(amount, table.c[name].type)
-    return stmt.on_conflict_do_update(index_elements=[table.c[name] for name in spec.pk], set_=update)
