@@ -210,3 +210,21 @@ def test_transaction_markers_are_skipped_as_kafka_python_skips_them(kafka_config
     lean = _consume_all(kafka_config, topic, 15, lean=True)
     assert lean == stock
     assert [r.offset for r in lean] == [*range(0, 5), *range(6, 11), *range(12, 17)]
+
+
+def test_install_puts_it_in_one_consumer_and_refuses_what_it_does_not_know(
+    kafka_config: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    consumer = KafkaConsumer(**kafka_config, enable_auto_commit=False)
+    other = KafkaConsumer(**kafka_config, enable_auto_commit=False)
+    try:
+        assert install(consumer)
+        assert consumer._fetcher.PartitionRecords is LeanPartitionRecords
+        assert other._fetcher.PartitionRecords is Fetcher.PartitionRecords  # the class is untouched
+    finally:
+        consumer.close()
+        other.close()
+    # Not a kafka-python consumer of the expected shape: nothing installed, and a warning says so.
+    with caplog.at_level("WARNING", logger="datalayer.consumer"):
+        assert not install(object())  # type: ignore[arg-type]
+    assert "using its own" in caplog.text
