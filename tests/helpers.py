@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from eventstore import EventStore, RecordedEvent
 
@@ -24,6 +24,19 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
         time.sleep(interval)
+
+
+def polled_records(consumer: Any, count: int, what: str, timeout: float = 60.0) -> list[Any]:
+    """What a kafka-python ``consumer`` (assigned or subscribed) polls, once it has ``count`` records."""
+    records: list[Any] = []
+
+    def enough() -> bool:
+        for batch in consumer.poll(timeout_ms=200).values():
+            records.extend(batch)
+        return len(records) >= count
+
+    wait_until(enough, timeout=timeout, what=what)
+    return records
 
 
 def unique_name(prefix: str) -> str:

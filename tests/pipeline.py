@@ -33,7 +33,7 @@ from projections.orders import OrderCache, OrderViews
 from projections.projection import Projection
 from projections.replay import replay
 from projections.targets import PostgresTarget, RedisTarget
-from tests.helpers import unique_name, wait_until
+from tests.helpers import polled_records, unique_name, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -267,14 +267,6 @@ def dead_letters(pl: Pipeline, projection: str, count: int) -> list[Any]:
         tp = TopicPartition(f"{pl.dlq_prefix}{projection}", 0)
         consumer.assign([tp])
         consumer.seek_to_beginning(tp)
-        records: list[Any] = []
-
-        def enough() -> bool:
-            for batch in consumer.poll(timeout_ms=200).values():
-                records.extend(batch)
-            return len(records) >= count
-
-        wait_until(enough, timeout=60, what=f"{count} dead letters")
-        return records
+        return polled_records(consumer, count, f"{count} dead letters")
     finally:
         consumer.close()

@@ -20,7 +20,7 @@ from kafka.record import MemoryRecords, MemoryRecordsBuilder
 from kafka.record.default_records import DefaultRecordBatch
 
 from consumers.record_unpacking import LeanPartitionRecords, compatible, install
-from tests.helpers import unique_name, wait_until
+from tests.helpers import polled_records, unique_name
 
 CODECS = [0] + [
     codec
@@ -144,15 +144,7 @@ def _consume_all(kafka_config: dict[str, Any], topic: str, expected: int, lean: 
         assert install(consumer)
     try:
         consumer.assign([TopicPartition(topic, 0)])
-        got: list[Any] = []
-
-        def read() -> bool:
-            for records in consumer.poll(timeout_ms=200).values():
-                got.extend(records)
-            return len(got) >= expected
-
-        wait_until(read, timeout=30, what=f"{expected} records from {topic}")
-        return got
+        return polled_records(consumer, expected, f"{expected} records from {topic}", timeout=30)
     finally:
         consumer.close()
 
