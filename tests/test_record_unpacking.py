@@ -149,16 +149,21 @@ def _consume_all(kafka_config: dict[str, Any], topic: str, expected: int, lean: 
         consumer.close()
 
 
-@pytest.mark.parametrize("compression", [None, "gzip"])
-def test_records_from_the_broker_equal_kafka_pythons(
-    kafka_config: dict[str, Any], compression: str | None
-) -> None:
-    topic = unique_name("unpack")
+def _one_partition_topic(kafka_config: dict[str, Any], prefix: str) -> str:
+    topic = unique_name(prefix)
     admin = KafkaAdminClient(**kafka_config)
     try:
         admin.create_topics([NewTopic(topic, 1, 1)])
     finally:
         admin.close()
+    return topic
+
+
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_records_from_the_broker_equal_kafka_pythons(
+    kafka_config: dict[str, Any], compression: str | None
+) -> None:
+    topic = _one_partition_topic(kafka_config, "unpack")
     producer = KafkaProducer(**kafka_config, compression_type=compression, linger_ms=5)
     sent = 0
     for i in range(300):
@@ -177,12 +182,7 @@ def test_records_from_the_broker_equal_kafka_pythons(
 
 
 def test_transaction_markers_are_skipped_as_kafka_python_skips_them(kafka_config: dict[str, Any]) -> None:
-    topic = unique_name("unpack-txn")
-    admin = KafkaAdminClient(**kafka_config)
-    try:
-        admin.create_topics([NewTopic(topic, 1, 1)])
-    finally:
-        admin.close()
+    topic = _one_partition_topic(kafka_config, "unpack-txn")
     producer = KafkaProducer(**kafka_config, transactional_id=unique_name("txn"))
     producer.init_transactions()
     for committed in (True, False, True):
