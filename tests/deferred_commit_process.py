@@ -1,8 +1,9 @@
 """A process that sends one batch's deferred commit to PostgreSQL and waits to be killed before confirming it.
 
-``python -m tests.deferred_commit_process SCHEMA STREAM...``: applies ``placed`` and ``Paid`` of each
-stream into the ``tests.test_postgres_target`` projection's target in ``SCHEMA`` with checkpoint
-``log`` = ``2``, prints ``sent`` once the commit is on its way, then blocks reading stdin.
+``python -m tests.deferred_commit_process SCHEMA STAGING_MIN_ROWS STREAM...``: applies ``placed`` and
+``Paid`` of each stream into the ``tests.test_postgres_target`` projection's target in ``SCHEMA``
+(``STAGING_MIN_ROWS``: the target's, ``none`` for array parameters only) with checkpoint ``log`` =
+``2``, prints ``sent`` once the commit is on its way, then blocks reading stdin.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from tests.test_postgres_target import Orders, Sink, StubDecoder
 
 
 def main(argv: list[str]) -> int:
-    schema, *streams = argv
+    schema, staging, *streams = argv
     engine = postgres_engine(load_settings())
-    target = PostgresTarget(engine, Orders(decoder=StubDecoder()), schema=schema, staging_min_rows=1)
+    min_rows = None if staging == "none" else int(staging)
+    target = PostgresTarget(engine, Orders(decoder=StubDecoder()), schema=schema, staging_min_rows=min_rows)
     target.defer_commits(True)
     apply_batch(target.projection, target, batch_of(streams), {"log": "2"}, Sink())
     print("sent", flush=True)

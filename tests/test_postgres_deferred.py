@@ -13,15 +13,32 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Engine,
+    MetaData,
+    Numeric,
+    Table,
+    Text,
+    TypeDecorator,
+    Uuid,
+    event,
+    select,
+    text,
+)
 from sqlalchemy.exc import IntegrityError
 
 from consumers.runtime import ConsumerConfig, ProjectionConsumer, _Batch
+from projections.events import ProjectedEvent
+from projections.projection import handles
 from projections.runner import DeadLetter, SourceItem
 from projections.target import BatchConflict
-from projections.targets import PostgresTarget
+from projections.targets import PostgresTarget, SqlProjection, SqlWrites
 from tests.helpers import unique_name, wait_until
 from tests.test_postgres_target import (
     DAY,
@@ -44,10 +61,13 @@ def batch_of(streams: list[str]) -> list[SourceItem]:
     return [placed(s) for s in streams] + [make_event(s, 2, "Paid") for s in streams]
 
 
-@pytest.fixture
-def target(engine: Engine) -> Iterator[PostgresTarget]:
-    # Every group of rows goes by COPY: its merge is among the statements a deferred commit sends.
-    t = PostgresTarget(engine, Orders(decoder=StubDecoder()), schema=unique_name("pgd"), staging_min_rows=1)
+@pytest.fixture(params=[1, None], ids=["copy", "arrays"])
+def target(engine: Engine, request: pytest.FixtureRequest) -> Iterator[PostgresTarget]:
+    # Every group of rows goes by COPY (its merge is among the statements a deferred commit sends),
+    # or none does (its rows go as array parameters in the pipeline with the commit).
+    t = PostgresTarget(
+        engine, Orders(decoder=StubDecoder()), schema=unique_name("pgd"), staging_min_rows=request.param
+    )
     t.setup()
     yield t
     t.defer_commits(False)
@@ -219,7 +239,14 @@ def test_a_consumer_killed_mid_commit_leaves_the_batch_applied_once_after_a_rest
 ) -> None:
     streams = [new_stream() for _ in range(3)]
     child = subprocess.Popen(
-        [sys.executable, "-m", "tests.deferred_commit_process", target.schema, *streams],
+        [
+            sys.executable,
+            "-m",
+            "tests.deferred_commit_process",
+            target.schema,
+            str(target.staging_min_rows).lower(),
+            *streams,
+        ],
         cwd=ROOT,
         env=dict(os.environ),
         stdin=subprocess.PIPE,
@@ -250,3 +277,98 @@ def test_a_consumer_killed_mid_commit_leaves_the_batch_applied_once_after_a_rest
     apply(target, batch_of(streams), "2")
     target.confirm_commit()
     assert_applied_once(engine, target, streams, "2")
+
+
+class Reversed(TypeDecorator[str]):
+    """Text stored reversed: a column type with bind and result processors of its own."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Any) -> str | None:
+        return None if value is None else value[::-1]
+
+    def process_result_value(self, value: str | None, dialect: Any) -> str | None:
+        return None if value is None else value[::-1]
+
+
+tagged_metadata = MetaData()
+tagged = Table(
+    "tagged",
+    tagged_metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("tag", Reversed),
+    Column("amount", Numeric(12, 2)),
+    Column("copied", Text),
+    Column("version", BigInteger),
+)
+
+
+class Tagged(SqlProjection):
+    """Each stream's first event sets its tag; the next one copies the tag it reads back."""
+
+    name = "test_tagged"
+    stream_types = ("Order",)
+    metadata = tagged_metadata
+    prefetch = ("tagged",)
+
+    @handles("Tagged")
+    def tag(self, event: ProjectedEvent, writes: SqlWrites) -> None:
+        data = event.data
+        values = {"tag": data["tag"], "amount": Decimal(data["amount"]), "version": event.stream_version}
+        writes.upsert(tagged, {"id": event.stream_id, **values})
+
+    @handles("Copied")
+    def copy(self, event: ProjectedEvent, writes: SqlWrites) -> None:
+        row = writes.get(tagged, {"id": event.stream_id})
+        assert row is not None
+        copied = f"{row['tag']} {row['amount']}"
+        writes.upsert(tagged, {**row, "copied": copied, "version": event.stream_version})
+
+
+def test_prefetched_rows_read_in_a_pipeline_come_back_through_their_column_types(engine: Engine) -> None:
+    target = PostgresTarget(engine, Tagged(decoder=StubDecoder()), schema=unique_name("pgp"))
+    target.setup()
+    try:
+        stream = new_stream()
+        apply(target, [make_event(stream, 1, "Tagged", {"tag": "abc", "amount": "1.50"})], "1")
+        with engine.connect() as conn:
+            stored = conn.execute(text(f'SELECT tag::text FROM "{target.schema}".tagged')).scalar()
+        assert stored == "cba"  # the bind processor ran on the way in
+        # The next batch reads the row back (the prefetch, in the pipeline with the versions).
+        target.defer_commits(True)
+        apply(target, [make_event(stream, 2, "Copied")], "2")
+        target.confirm_commit()
+        with engine.connect() as conn:
+            conn.execution_options(schema_translate_map={None: target.schema})
+            row = conn.execute(select(tagged)).one()
+        assert (row.tag, row.amount, row.copied, row.version) == ("abc", Decimal("1.50"), "abc 1.50", 2)
+    finally:
+        target.defer_commits(False)
+        target.drop()
+
+
+def test_a_small_deferred_batch_sends_every_statement_in_two_pipelines(engine: Engine) -> None:
+    """Its reads in one round trip, then its rows (array parameters) with the versions and the
+    COMMIT: nothing executed one statement at a time, each waiting for its own round trip."""
+    target = PostgresTarget(engine, Orders(decoder=StubDecoder()), schema=unique_name("pgs"))
+    target.setup()
+    executed: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        executed.append(statement)
+
+    try:
+        streams = [new_stream() for _ in range(3)]
+        target.defer_commits(True)
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            outcome = apply(target, batch_of(streams), "2")
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+        assert (outcome.applied, executed) == (6, [])
+        target.confirm_commit()
+        assert_applied_once(engine, target, streams, "2")
+    finally:
+        target.defer_commits(False)
+        target.drop()

@@ -2,29 +2,25 @@
 
 Why: a live consumer's batch of 2,000 order events spends ~10 µs per event waiting for PostgreSQL
 to merge the staged rows into the read model's tables (their indexes most of all) and to flush the
-commit to the WAL. Sent as one simple query (``INSERT ...; INSERT ...; COMMIT``) and read back
-later, that time overlaps with what the consumer does meanwhile: polling and parsing the next
-batch's records (see ``ConsumerConfig.defer_commits``).
+commit to the WAL. Sent in psycopg's pipeline mode and read back later, that time overlaps with
+what the consumer does meanwhile: polling and parsing the next batch's records (see
+``ConsumerConfig.defer_commits``).
 
-:class:`SentPipeline` sends a batch's stream versions and checkpoints, the flush's merges from the
-staging tables (the rows travel by ``COPY``, see ``sql_staging``, which a pipeline cannot carry)
-and ``COMMIT`` in psycopg's pipeline mode; :class:`SentQuery` sends statements without parameters
-as one simple query (the flush runs those it must before a statement with parameters). Values are
-never formatted into SQL either way.
+:class:`SentPipeline` sends a batch's stream versions and checkpoints, the flush's upserts (small
+groups' rows as array parameters, see :class:`PipelinedStatement`; big groups' merges from staging
+tables, whose rows travel by ``COPY``, which a pipeline cannot carry) and ``COMMIT``. The flush runs
+what it must before a statement it cannot send this way. Values are never formatted into SQL.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack, suppress
 from typing import Any
 
 import psycopg
-from psycopg import errors, generators, pq
 from sqlalchemy import Connection, Executable
 from sqlalchemy.exc import DBAPIError
-
-_FATAL_ERROR = pq.ExecStatus.FATAL_ERROR
 
 
 def render(conn: Connection, statement: Executable, schema: str, *, literal: bool = True) -> str:
@@ -43,6 +39,94 @@ def render(conn: Connection, statement: Executable, schema: str, *, literal: boo
     return str(compiled)
 
 
+# A statement for a pipeline: SQL text with ``%(name)s`` placeholders, and its parameters (or None).
+Statement = tuple[str, Mapping[str, Any] | None]
+
+
+class PipelinedStatement:
+    """A SQLAlchemy statement with parameters, rendered once to be sent in a pipeline.
+
+    Why: a live consumer's small batch flushes its rows as array parameters, and executed through
+    SQLAlchemy each such statement waited for its round trip before the next one went out. Rendered
+    here, it goes with the batch's versions and ``COMMIT`` instead. :meth:`bind` turns values into
+    what psycopg takes as SQLAlchemy would, through each parameter type's bind processor, and adds
+    the constants the statement binds itself (such as the 0 of ``coalesce(col, 0)``).
+    """
+
+    __slots__ = ("_compiled", "_processors", "_results", "sql")
+
+    def __init__(self, conn: Connection, statement: Executable, schema: str) -> None:
+        dialect = conn.dialect
+        compiled = statement.compile(  # type: ignore[attr-defined]  # every Executable here is a ClauseElement
+            dialect=dialect, schema_translate_map={None: schema}, render_schema_translate=True
+        )
+        self._compiled = compiled
+        self.sql: str = str(compiled)
+        processors: dict[str, Callable[[Any], Any]] = {}
+        for name, bind in compiled.binds.items():
+            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if process is not None:
+                processors[name] = process
+        self._processors = processors
+        self._results: list[Callable[[Any], Any] | None] | None = None  # set by the first rows()
+
+    def bind(self, values: Mapping[str, Any]) -> Statement:
+        """The statement with ``values`` bound, ready for :class:`SentPipeline`."""
+        params: dict[str, Any] = self._compiled.construct_params(values)
+        for name, process in self._processors.items():
+            params[name] = process(params[name])
+        return self.sql, params
+
+    def rows(self, cursor: psycopg.Cursor[Any]) -> list[tuple[Any, ...]]:
+        """The rows of this statement (a SELECT) that ``cursor`` holds, each column's values through
+        its type's result processor, as SQLAlchemy would hand them out."""
+        rows: list[tuple[Any, ...]] = cursor.fetchall()
+        processors = self._results
+        if processors is None:
+            # The processors may depend on the type PostgreSQL sent (numeric as Decimal or float):
+            # known from the first result.
+            dialect = self._compiled.dialect
+            columns = self._compiled.statement.selected_columns
+            processors = self._results = [
+                column.type.dialect_impl(dialect).result_processor(dialect, described.type_code)
+                for column, described in zip(columns, cursor.description or (), strict=True)
+            ]
+        if not any(processors):
+            return rows
+        return [
+            tuple(
+                value if process is None else process(value)
+                for process, value in zip(processors, row, strict=True)
+            )
+            for row in rows
+        ]
+
+
+def fetch_pipelined(
+    conn: Connection, statements: Sequence[tuple[PipelinedStatement, Mapping[str, Any]]]
+) -> list[list[tuple[Any, ...]]]:
+    """Run SELECT ``statements`` in one round trip (pipeline mode) and return each one's rows.
+
+    Why: a batch reads its streams' versions and the rows it prefetches before its handlers run;
+    one after the other they cost a round trip each, which a live consumer's small batches pay in
+    latency on a busy machine.
+    """
+    driver = _driver(conn)
+    cursors = []
+    try:
+        with driver.pipeline():
+            for statement, values in statements:
+                cursor = driver.cursor()
+                cursor.execute(*statement.bind(values))
+                cursors.append(cursor)
+        return [statement.rows(cursor) for (statement, _), cursor in zip(statements, cursors, strict=True)]
+    except psycopg.Error as exc:
+        raise _wrapped(exc) from exc
+    finally:
+        for cursor in cursors:
+            cursor.close()
+
+
 class SentPipeline:
     """Statements sent on a connection in pipeline mode, their outcome read by :meth:`wait`.
 
@@ -52,7 +136,7 @@ class SentPipeline:
 
     __slots__ = ("_stack",)
 
-    def __init__(self, conn: Connection, statements: Sequence[tuple[str, Mapping[str, Any] | None]]) -> None:
+    def __init__(self, conn: Connection, statements: Sequence[Statement]) -> None:
         driver = _driver(conn)
         self._stack = stack = ExitStack()
         try:
@@ -78,43 +162,10 @@ class SentPipeline:
             raise _wrapped(exc) from exc
 
 
-class SentQuery:
-    """Statements sent on a connection as one simple query, their outcome read by :meth:`wait`.
-
-    Until then the connection must not be used for anything else: libpq refuses a second query.
-    """
-
-    __slots__ = ("_driver",)
-
-    def __init__(self, conn: Connection, statements: Sequence[str]) -> None:
-        self._driver = driver = _driver(conn)
-        pgconn = driver.pgconn
-        try:
-            pgconn.send_query(";\n".join(statements).encode(driver.info.encoding))
-            driver.wait(generators.send(pgconn))
-        except psycopg.Error as exc:
-            raise _wrapped(exc) from exc
-
-    def wait(self) -> None:
-        """Wait for every statement's result; raise the first one's error as SQLAlchemy would.
-
-        PostgreSQL skips the statements after a failed one, and the transaction is then aborted: the
-        caller rolls it back.
-        """
-        driver = self._driver
-        try:
-            results = driver.wait(generators.fetch_many(driver.pgconn))
-            for result in results:
-                if result.status == _FATAL_ERROR:
-                    raise errors.error_from_result(result, encoding=driver.info.encoding)
-        except psycopg.Error as exc:
-            raise _wrapped(exc) from exc
-
-
-def run_now(conn: Connection, statements: list[str]) -> None:
+def run_now(conn: Connection, statements: list[Statement]) -> None:
     """Send ``statements`` (if any) and wait for them; the list is emptied."""
     if statements:
-        sent = SentQuery(conn, statements)
+        sent = SentPipeline(conn, statements)
         statements.clear()
         sent.wait()
 

@@ -47,7 +47,13 @@ from projections.generations import deferred_indexes, is_building
 from projections.privileges import grant_projection_schema
 from projections.projection import Projection
 from projections.target import BatchConflict, TargetBatch
-from projections.targets.pg_deferred import SentPipeline, render
+from projections.targets.pg_deferred import (
+    PipelinedStatement,
+    SentPipeline,
+    Statement,
+    fetch_pipelined,
+    render,
+)
 from projections.targets.sql_arrays import BinaryArray, BinaryList, unnest_param
 from projections.targets.sql_flush import STAGING_MIN_ROWS, db_key, flush_writes
 from projections.targets.sql_staging import StagingTables
@@ -333,16 +339,26 @@ class _PostgresBatch:
     def applied_versions(self, stream_ids: Collection[str]) -> dict[str, int]:
         texts = [uuid_key(sid) for sid in stream_ids]  # how SqlWrites keys UUID columns
         ids = [as_uuid(text) for text in texts]
+        target, conn = self._target, self._conn
+        prefetches = [self._prefetch_read(spec, ids, texts) for spec in target._prefetch]
+        versions = target._statement(
+            ("pipelined", _select_versions), lambda: PipelinedStatement(conn, _select_versions, target.schema)
+        )
+        # The versions and the prefetched rows in one round trip.
+        reads = [
+            (versions, {"ids": ids}),
+            *((statement, {"ids": values}) for statement, values, _ in prefetches),
+        ]
         try:
-            rows = self._conn.execute(_select_versions, {"ids": ids}).all()
+            results = fetch_pipelined(conn, reads)
         except DBAPIError as exc:
             if _retryable(exc):
                 raise BatchConflict(f"concurrent batch: {exc.orig}") from exc
             raise
-        applied: dict[str, int] = {sid: version for sid, version in rows}
+        applied: dict[str, int] = {sid: version for sid, version in results[0]}
         self._read.update(applied)
-        for spec in self._target._prefetch:
-            self._prefetch(spec, ids, texts)
+        for spec, (_, _, keys), rows in zip(target._prefetch, prefetches, results[1:], strict=True):
+            self._preload(spec, keys, rows)
         return applied
 
     def start_event(self) -> None:
@@ -358,7 +374,7 @@ class _PostgresBatch:
         conn = self._conn
         target = self._target
         # With deferred commits: the statements left to send with the COMMIT, none of them waited for.
-        deferred: list[str] | None = [] if target._defer else None
+        deferred: list[Statement] | None = [] if target._defer else None
         try:
             if deferred is None:
                 # Versions first: a batch that lost the race fails before flushing anything.
@@ -368,7 +384,7 @@ class _PostgresBatch:
             if deferred is not None:
                 # The versions first here too: a lost race aborts the transaction before the merges run.
                 params = self._bookkeeping(versions, checkpoints)
-                statements: list[tuple[str, Mapping[str, Any] | None]] = []
+                statements: list[Statement] = []
                 if params is not None:
                     bookkeeping = target._statement(
                         ("bookkeeping sql",),
@@ -376,7 +392,7 @@ class _PostgresBatch:
                     )
                     binary = {name: BinaryList(values) for name, values in params.items()}
                     statements.append((bookkeeping, binary))
-                statements += [(sql, None) for sql in deferred]
+                statements += deferred
                 statements.append(("COMMIT", None))
                 self.sent = _SentCommit(conn, SentPipeline(conn, statements), staging)
                 return
@@ -422,30 +438,38 @@ class _PostgresBatch:
             "positions": list(checkpoints.values()),
         }
 
-    def _prefetch(self, spec: TableSpec, stream_ids: Sequence[UUID], texts: Sequence[str]) -> None:
-        """Load the rows of ``spec`` keyed by these streams (UUIDs, and their canonical texts)."""
-        normalize = spec.normalizers[0]
-        if normalize is None:
-            ids: list[Any] = [str(sid) for sid in stream_ids]
-            keys: list[Any] = ids
+    def _prefetch_read(
+        self, spec: TableSpec, stream_ids: Sequence[UUID], texts: Sequence[str]
+    ) -> tuple[PipelinedStatement, list[Any], list[Key]]:
+        """How to read the rows of ``spec`` keyed by these streams (UUIDs, and their canonical
+        texts): the statement, its ids parameter, and the keys the rows are known by."""
+        ids: list[Any]
+        keys: list[Any]
+        if spec.normalizers[0] is None:
+            ids = keys = [str(sid) for sid in stream_ids]
         else:
-            ids = list(stream_ids)
-            keys = list(texts)
+            ids, keys = list(stream_ids), list(texts)
         table = spec.table
-        stmt = self._target._statement(
-            ("prefetch", spec),
-            lambda: select(table).where(
-                table.c[spec.pk[0]] == any_(bindparam("ids", type_=BinaryArray(table.c[spec.pk[0]].type)))
-            ),
-        )
+        target, conn = self._target, self._conn
+
+        def build() -> PipelinedStatement:
+            key = table.c[spec.pk[0]]
+            stmt = select(table).where(key == any_(bindparam("ids", type_=BinaryArray(key.type))))
+            return PipelinedStatement(conn, stmt, target.schema)
+
+        return target._statement(("prefetch", spec), build), ids, keys
+
+    def _preload(self, spec: TableSpec, keys: list[Key], rows: list[tuple[Any, ...]]) -> None:
+        """Hand the rows read for ``keys`` to the batch's writes; the keys without a row as None."""
+        normalize = spec.normalizers[0]
         found: dict[Key, Row | None] = dict.fromkeys(keys)
         names = spec.column_names
         pk0 = spec.pk[0]
-        for values in self._conn.execute(stmt, {"ids": ids}):
+        for values in rows:
             row = dict(zip(names, values, strict=True))
             key = row[pk0]
             found[key if normalize is None else normalize(key)] = row
-        self._writes.preload(table, found)
+        self._writes.preload(spec.table, found)
 
 
 class _SentCommit:

@@ -39,7 +39,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from projections.targets.pg_deferred import render, run_now
+from projections.targets.pg_deferred import PipelinedStatement, Statement, render, run_now
 from projections.targets.sql_arrays import BinaryArray
 from projections.targets.sql_staging import StagedUpsert, StagingTables, staged_columns
 from projections.targets.sql_writes import Change, Key, SqlWrites, TableSpec, as_uuid, uuid_key
@@ -83,13 +83,13 @@ def flush_writes(
     conn: Connection,
     staging: StagingTables | None,
     writes: SqlWrites,
-    deferred: list[str] | None = None,
+    deferred: list[Statement] | None = None,
 ) -> None:
     """Deletes, then one insert-or-update per column signature, for each table in dependency order.
 
-    With ``deferred`` (a list), the merges from staging tables are added to it rather than run,
-    for the caller to send; statements with parameters run at once, after any deferred before
-    them, so that the order of the statements is kept.
+    With ``deferred`` (a list), the upserts (as array parameters, or merges from staging tables)
+    are added to it rather than run, for the caller to send in a pipeline; the statements that
+    cannot go that way run at once, after any deferred before them, so that the order is kept.
     """
     for spec, changes in writes.pending():
         deleted = [key for key, change in changes.items() if change.deleted]
@@ -132,7 +132,7 @@ def flush_writes(
             _run(conn, deferred, _single_upsert(spec, key, change))
 
 
-def _run(conn: Connection, deferred: list[str] | None, stmt: Any, params: Any = None) -> None:
+def _run(conn: Connection, deferred: list[Statement] | None, stmt: Any, params: Any = None) -> None:
     """Execute ``stmt`` now, after the deferred statements before it."""
     if deferred:
         run_now(conn, deferred)
@@ -164,7 +164,7 @@ def _delete_statement(spec: TableSpec) -> Executable:
 class _UpsertPlan:
     """How a group of rows of one table and column signature is flushed, built once per target."""
 
-    __slots__ = ("as_arrays", "columns", "staged", "staged_sql", "staged_statement", "statement")
+    __slots__ = ("as_arrays", "columns", "pipelined", "staged", "staged_sql", "staged_statement", "statement")
 
     def __init__(self, spec: TableSpec, signature: Signature) -> None:
         table = spec.table
@@ -198,6 +198,7 @@ class _UpsertPlan:
             else _on_conflict(spec, signature, self.staged.statement(spec, self.columns))
         )
         self.staged_sql: str | None = None  # the staged statement as text, rendered on first use
+        self.pipelined: PipelinedStatement | None = None  # the array statement, rendered on first use
 
 
 def _signature_name(spec: TableSpec, signature: Signature) -> str:
@@ -212,7 +213,7 @@ def _upsert_group(
     spec: TableSpec,
     signature: Signature,
     rows: list[tuple[Key, Change]],
-    deferred: list[str] | None = None,
+    deferred: list[Statement] | None = None,
 ) -> None:
     plan: _UpsertPlan = target._statement((spec, signature), partial(_UpsertPlan, spec, signature))
     columns = plan.columns
@@ -241,13 +242,19 @@ def _upsert_group(
             else:
                 if plan.staged_sql is None:
                     plan.staged_sql = render(conn, statement, target.schema)
-                deferred.append(plan.staged_sql)
+                deferred.append((plan.staged_sql, None))
             return
     for array, name in zip(arrays, columns, strict=True):
         if isinstance(spec.table.c[name].type, Uuid):
             array[:] = [None if value is None else as_uuid(value) for value in array]
     if plan.as_arrays:
-        _run(conn, deferred, plan.statement, {f"p{i}": array for i, array in enumerate(arrays)})
+        params = {f"p{i}": array for i, array in enumerate(arrays)}
+        if deferred is None:
+            conn.execute(plan.statement, params)
+        else:
+            if plan.pipelined is None:
+                plan.pipelined = PipelinedStatement(conn, plan.statement, target.schema)
+            deferred.append(plan.pipelined.bind(params))
     else:
         _run(
             conn,
