@@ -24,6 +24,7 @@ DEAD_LETTER_PRODUCER_SETTINGS: dict[str, Any] = {
     "linger_ms": 0,
     "max_block_ms": 30_000,
     "delivery_timeout_ms": 30_000,
+    "metrics_enabled": False,  # nothing reads kafka-python's own metrics
 }
 
 

@@ -53,6 +53,8 @@ PRODUCER_SETTINGS: dict[str, Any] = {
     "max_request_size": 8 * 1024 * 1024,
     "delivery_timeout_ms": 60_000,
     "max_block_ms": 30_000,
+    # Nothing reads kafka-python's own metrics (datalayer.metrics counts per batch): not recorded.
+    "metrics_enabled": False,
 }
 
 
