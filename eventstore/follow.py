@@ -1,11 +1,7 @@
 """Following the commit-ordered log as it grows: LISTEN/NOTIFY wakes, polling backs it up.
 
-A lost notification (a dropped connection, a writer killed between commit and notify) costs at most
-``poll_interval``. Events committed but held back by the read horizon (a transaction older than
-theirs still running anywhere in the database, such as a projection's batch or the relay's own
-checkpoint) are looked for again after ``HELD_BACK_RETRY``, doubling up to ``poll_interval`` while
-the horizon stays put: their notification came while they could not be read, and no other may
-follow (the older transaction may write no event).
+A lost notification (a dropped connection, a writer killed between commit and notify) or a
+horizon released by a transaction that wrote no event costs at most ``poll_interval``.
 """
 
 from __future__ import annotations
@@ -22,9 +18,6 @@ from eventstore.records import LOG_START, LogPosition, RecordedEvent
 from eventstore.store import EventStore
 
 EntryT = TypeVar("EntryT")
-
-# Seconds before a follower looks again for events the horizon held back (see the module docstring).
-HELD_BACK_RETRY = 0.001
 
 
 def _recorded_position(event: RecordedEvent) -> LogPosition:
@@ -104,7 +97,6 @@ class LogFollower(Generic[EntryT]):
         about to wait, so that a consumer can finish work it deferred while there was a backlog.
         """
         stop = stop or threading.Event()
-        retry = HELD_BACK_RETRY
         try:
             self._try_listen()  # before the first read, so nothing committed after it goes unannounced
             while not stop.is_set():
@@ -116,14 +108,6 @@ class LogFollower(Generic[EntryT]):
                         continue
                 elif self.report_idle:
                     yield batch
-                if self.store.has_events_after(self.position):
-                    # Committed events the read could not see: a transaction older than theirs was
-                    # still running (the horizon). Their notification came already and none may
-                    # follow, so look again shortly, backing off while the horizon stays put.
-                    self.wait(retry)
-                    retry = min(retry * 2, self.poll_interval)
-                    continue
-                retry = HELD_BACK_RETRY
                 self.wait(self.poll_interval)
         finally:
             self.close()

@@ -459,16 +459,6 @@ class EventStore:
         with self.pool.connection() as conn:
             return read_horizon(conn, self.schema)
 
-    def has_events_after(self, after: LogPosition) -> bool:
-        """Whether any committed event lies after ``after`` in the log, readable yet or held back by
-        the read horizon (an older transaction still running): a follower's cue to look again soon."""
-        query = sql.SQL(
-            "SELECT EXISTS (SELECT 1 FROM {} WHERE (transaction_id, position) > (%s::text::xid8, %s))"
-        ).format(sql.Identifier(self.schema, "events"))
-        with self.pool.connection() as conn:
-            row = conn.execute(query, (str(after.transaction_id), after.position)).fetchone()
-        return bool(row and row[0])
-
     def max_position(self) -> int:
         """The highest global position written so far (0 when empty), committed or held back."""
         query = sql.SQL("SELECT coalesce(max(position), 0) FROM {}.events").format(
