@@ -23,18 +23,14 @@ from sqlalchemy import Connection, Executable
 from sqlalchemy.exc import DBAPIError
 
 
-def render(conn: Connection, statement: Executable, schema: str, *, literal: bool = True) -> str:
-    """``statement`` as SQL text for ``conn``'s dialect, in ``schema``.
-
-    ``literal``: the statement must have no parameter but constants of its own (such as
-    ``coalesce(col, 0)``), which are rendered inline; otherwise parameters stay placeholders
-    (``%(name)s``), for psycopg to bind.
-    """
+def render(conn: Connection, statement: Executable, schema: str) -> str:
+    """``statement`` as SQL text for ``conn``'s dialect, in ``schema``; it must have no parameter
+    but constants of its own (such as ``coalesce(col, 0)``), which are rendered inline."""
     compiled = statement.compile(  # type: ignore[attr-defined]  # every Executable here is a ClauseElement
         dialect=conn.dialect,
         schema_translate_map={None: schema},
         render_schema_translate=True,
-        compile_kwargs={"literal_binds": literal},
+        compile_kwargs={"literal_binds": True},
     )
     return str(compiled)
 

@@ -47,14 +47,8 @@ from projections.generations import deferred_indexes, is_building
 from projections.privileges import grant_projection_schema
 from projections.projection import Projection
 from projections.target import BatchConflict, TargetBatch
-from projections.targets.pg_deferred import (
-    PipelinedStatement,
-    SentPipeline,
-    Statement,
-    fetch_pipelined,
-    render,
-)
-from projections.targets.sql_arrays import BinaryArray, BinaryList, unnest_param
+from projections.targets.pg_deferred import PipelinedStatement, SentPipeline, Statement, fetch_pipelined
+from projections.targets.sql_arrays import BinaryArray, unnest_param
 from projections.targets.sql_flush import STAGING_MIN_ROWS, db_key, flush_writes
 from projections.targets.sql_staging import StagingTables
 from projections.targets.sql_writes import Key, Row, SqlWrites, TableSpec, as_uuid, uuid_key
@@ -387,11 +381,10 @@ class _PostgresBatch:
                 statements: list[Statement] = []
                 if params is not None:
                     bookkeeping = target._statement(
-                        ("bookkeeping sql",),
-                        lambda: render(conn, _write_bookkeeping, target.schema, literal=False),
+                        ("pipelined", _write_bookkeeping),
+                        lambda: PipelinedStatement(conn, _write_bookkeeping, target.schema),
                     )
-                    binary = {name: BinaryList(values) for name, values in params.items()}
-                    statements.append((bookkeeping, binary))
+                    statements.append(bookkeeping.bind(params))
                 statements += deferred
                 statements.append(("COMMIT", None))
                 self.sent = _SentCommit(conn, SentPipeline(conn, statements), staging)
