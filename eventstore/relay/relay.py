@@ -24,7 +24,7 @@ from kafka import KafkaAdminClient, KafkaProducer
 from kafka.errors import KafkaError
 
 from eventstore.follow import LogFollower
-from eventstore.records import RecordedEvent
+from eventstore.records import LogPosition, RecordedEvent
 from eventstore.relay.checkpoint import RelayLag, load_checkpoint, read_lag, save_checkpoint
 from eventstore.relay.envelope import encode_envelope
 from eventstore.relay.partitioning import KeyHashes
@@ -128,8 +128,10 @@ class Relay:
         self._headers = RecordHeaders()
         self._key_hashes = KeyHashes()
         self._lock_key = f"datalayer.relay.{store.schema}.{self.config.name}"
-        # Batches Kafka acknowledged whose checkpoint is not saved yet, and when one last was.
-        self._unsaved: list[_SentBatch] = []
+        # Where the batches Kafka acknowledged since the last save end, how many events they hold,
+        # and when the checkpoint was last saved.
+        self._unsaved: LogPosition | None = None
+        self._unsaved_events = 0
         self._saved_at = -math.inf
 
     def run(self, stop: threading.Event) -> None:
@@ -224,7 +226,7 @@ class Relay:
         producer = KafkaProducer(**PRODUCER_SETTINGS, **self.kafka_config)
         admin = KafkaAdminClient(**self.kafka_config)
         in_flight: deque[_SentBatch] = deque()
-        self._unsaved, self._saved_at = [], -math.inf
+        self._unsaved, self._unsaved_events, self._saved_at = None, 0, -math.inf
         try:
             for batch in follower.prefetched(stop):
                 lease.verify()
@@ -293,29 +295,24 @@ class Relay:
         The checkpoint is saved once ``checkpoint_interval`` has passed since the last save, or at
         once with ``save_now``.
         """
-        settled = self._unsaved
         taken = 0
         while in_flight and (in_flight[0].acknowledged() or (wait and (everything or not taken))):
             in_flight[0].wait()
             sent = in_flight.popleft()
-            settled.append(sent)
             taken += 1
+            self._unsaved = log_position(sent.events[-1])
+            self._unsaved_events += len(sent.events)
             if self.on_published is not None:
                 self.on_published(sent.events)
-        if not settled:
+        position = self._unsaved
+        if position is None:
             return
         now = time.monotonic()
         if not save_now and now - self._saved_at < self.config.checkpoint_interval:
             return
-        self._unsaved, self._saved_at = [], now
+        published, self._unsaved, self._unsaved_events, self._saved_at = self._unsaved_events, None, 0, now
         with self.store.pool.connection() as conn:
-            save_checkpoint(
-                conn,
-                self.store.schema,
-                self.config.name,
-                log_position(settled[-1].events[-1]),
-                sum(len(b.events) for b in settled),
-            )
+            save_checkpoint(conn, self.store.schema, self.config.name, position, published)
 
     def _ensure_topics(self, admin: KafkaAdminClient, stream_types: set[str]) -> None:
         wanted = {self._topic(t) for t in stream_types} - self._known_topics
