@@ -198,6 +198,9 @@ class ProjectionConsumer:
                 # confirmed right after, not a poll timeout later.
                 timeout = 0 if self._unconfirmed is not None else self.config.poll_timeout_ms
                 polled = consumer.poll(timeout_ms=timeout)
+                # Parsed before the commit out is confirmed: parsing needs no target, and so it
+                # runs while PostgreSQL (or Redis) is still busy with that commit.
+                read = _read(polled) if polled else None
                 try:
                     self._raise_rebalance_error()
                     self._confirm(sink, stop)
@@ -205,7 +208,7 @@ class ProjectionConsumer:
                     break
                 finally:
                     self._observe_unobserved()
-                if not polled:
+                if read is None:
                     if timeout and watch.stuck(consumer):
                         consumer.close(autocommit=False)
                         consumer = None
@@ -216,7 +219,7 @@ class ProjectionConsumer:
                     continue
                 if stop.is_set():
                     break  # the records just polled stay for whoever resumes from the checkpoints
-                items, checkpoints, offsets = _read(polled)
+                items, checkpoints, offsets = read
                 started = time.perf_counter()
                 try:
                     outcome = self._apply(items, checkpoints, sink, stop)
