@@ -1,7 +1,12 @@
 """Following the commit-ordered log as it grows: LISTEN/NOTIFY wakes, polling backs it up.
 
-A lost notification (a dropped connection, a writer killed between commit and notify) or a
-horizon released by a transaction that wrote no event costs at most ``poll_interval``.
+A lost notification (a dropped connection, a writer killed between commit and notify) costs at most
+``poll_interval``. A notification names the highest position written (see ``eventstore.wakeup``):
+when a read finds nothing at or beyond it, those events are committed but held back by the read
+horizon (a transaction older than theirs still running anywhere in the database, such as a
+projection's batch), and the follower looks again after ``HELD_BACK_RETRY``, doubling up to
+``poll_interval``: that transaction may end without writing an event, so without a notification.
+No query is added for this; only reads that leave announced events behind are followed by sooner ones.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from eventstore.records import LOG_START, LogPosition, RecordedEvent
 from eventstore.store import EventStore
 
 EntryT = TypeVar("EntryT")
+
+# Seconds before a follower looks again for announced events the horizon held back (see above).
+HELD_BACK_RETRY = 0.002
 
 
 def _recorded_position(event: RecordedEvent) -> LogPosition:
@@ -89,6 +97,9 @@ class LogFollower(Generic[EntryT]):
         self.poll_interval = poll_interval
         self.report_idle = report_idle
         self._listener: psycopg.Connection[Any] | None = None
+        # The highest position a notification announced, and the highest this follower has read.
+        self._announced = 0
+        self._read_up_to = after.position
 
     def batches(self, stop: threading.Event | None = None) -> Iterator[Sequence[EntryT]]:
         """Each batch as it becomes readable; :attr:`position` moves past it when yielded.
@@ -97,17 +108,26 @@ class LogFollower(Generic[EntryT]):
         about to wait, so that a consumer can finish work it deferred while there was a backlog.
         """
         stop = stop or threading.Event()
+        retry = HELD_BACK_RETRY
         try:
             self._try_listen()  # before the first read, so nothing committed after it goes unannounced
             while not stop.is_set():
                 batch = self._read(self.position, self.batch_size)
                 if batch:
                     self.position = self._position_of(batch[-1])
+                    full = len(batch) == self.batch_size
+                    self._note_read(batch, full)
                     yield batch
-                    if len(batch) == self.batch_size:
+                    if full:
                         continue
                 elif self.report_idle:
                     yield batch
+                if self._announced > self._read_up_to:
+                    # Announced, committed, and not readable yet: held back by the horizon.
+                    self.wait(retry)
+                    retry = min(retry * 2, self.poll_interval)
+                    continue
+                retry = HELD_BACK_RETRY
                 self.wait(self.poll_interval)
         finally:
             self.close()
@@ -145,11 +165,27 @@ class LogFollower(Generic[EntryT]):
             done.set()
             reader.join(timeout=10)
 
+    def _note_read(self, batch: Sequence[EntryT], full: bool) -> None:
+        """Raise the highest position read. Positions follow insertion, not commit, so a batch's
+        highest may be anywhere in it; a full batch (another read follows at once) counts its last."""
+        position_of = self._position_of
+        if full:
+            highest = position_of(batch[-1]).position
+        else:
+            highest = max(position_of(entry).position for entry in batch)
+        if highest > self._read_up_to:
+            self._read_up_to = highest
+
     def wait(self, timeout: float) -> bool:
         """Block until a writer announces new events or ``timeout`` passes; True when announced."""
         try:
             listener = self._listen()
-            return any(True for _ in listener.notifies(timeout=timeout, stop_after=1))
+            announced = False
+            for notify in listener.notifies(timeout=timeout, stop_after=1):
+                announced = True
+                if notify.payload.isdigit() and int(notify.payload) > self._announced:
+                    self._announced = int(notify.payload)
+            return announced
         except psycopg.OperationalError:
             self.close()  # reconnect on the next wait; meanwhile this wait degraded to a poll
             threading.Event().wait(timeout)

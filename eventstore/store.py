@@ -225,7 +225,7 @@ class EventStore:
                     results = self._write(conn, appends, savepoint=True)
         finally:
             self.pool.putconn(conn)
-        self._wakeup.announce()
+        self._wakeup.announce(max((r.positions[-1] for r in results if r.positions), default=0))
         return results
 
     def append_in(self, conn: psycopg.Connection[Any], appends: Sequence[StreamAppend]) -> list[AppendResult]:
@@ -266,8 +266,9 @@ class EventStore:
             self.pool.putconn(conn)
         if position_of is None:
             return None
-        self._wakeup.announce()
-        return list(_positions(position_of, [e[0] for e in events]))
+        positions = list(_positions(position_of, [e[0] for e in events]))
+        self._wakeup.announce(positions[-1] if positions else 0)  # ascending
+        return positions
 
     def _write(
         self, conn: psycopg.Connection[Any], appends: Sequence[StreamAppend], *, savepoint: bool

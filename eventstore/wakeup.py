@@ -11,6 +11,11 @@ does not wait for that record's disk flush (``synchronous_commit = off``), becau
 lost to a server crash only costs followers a poll interval, while waiting would add a flush per
 NOTIFY to the disk the writers' commits wait on.
 
+Each NOTIFY carries the highest log position announced so far. A follower whose read after it
+returns no event at or beyond that position knows the events are committed but held back by the
+read horizon (an older transaction still running), and looks again soon rather than at the next
+NOTIFY, which may never come (see ``eventstore.follow``).
+
 Under sustained writes the thread runs every interval, in the writers' process: it sends its NOTIFY
 with one libpq call (the GIL released once, for the round trip) and sleeps without a timed wait on
 an event, because each time it takes the GIL it takes it from the writers.
@@ -38,7 +43,12 @@ class ReaderWakeup:
         self, connect: Callable[[], psycopg.Connection[Any]], channel: str, min_interval: float = 0.002
     ) -> None:
         self._connect = connect
-        self._notify = sql.SQL("NOTIFY {}").format(sql.Identifier(channel)).as_bytes()
+        self._channel = sql.Identifier(channel)
+        self._notify = sql.SQL("NOTIFY {}").format(self._channel).as_bytes()
+        # The highest position announced (0: none known). Raised without a lock: two appending
+        # threads racing may leave the lower of their positions, which only costs followers the
+        # quick second look for the higher one (they still get its NOTIFY, and poll).
+        self._position = 0
         self._min_interval = min_interval
         self._pending = threading.Event()
         self._closed = threading.Event()
@@ -46,8 +56,11 @@ class ReaderWakeup:
         self._lock = threading.Lock()
         self._conn: psycopg.Connection[Any] | None = None
 
-    def announce(self) -> None:
-        """Note that events were committed; the thread notifies followers shortly."""
+    def announce(self, position: int = 0) -> None:
+        """Note that events up to log ``position`` (the highest written; 0 if unknown) were committed;
+        the thread notifies followers shortly."""
+        if position > self._position:
+            self._position = position
         # Already pending: the thread has yet to clear it, so its NOTIFY follows this commit.
         # Setting it again would only take the event's lock on every append.
         if not self._pending.is_set():
@@ -64,18 +77,22 @@ class ReaderWakeup:
                 if not self._pending.wait(timeout=0.5):
                     continue
                 self._pending.clear()
-                self._send()
+                self._send(self._position)
                 time.sleep(self._min_interval)  # coalesce a burst of commits into one NOTIFY
         finally:
             self._disconnect()
 
-    def _send(self) -> None:
+    def _send(self, position: int = 0) -> None:
         try:
             if self._conn is None or self._conn.closed:
                 conn = self._connect()
                 conn.execute("SET synchronous_commit = off")
                 self._conn = conn
-            if self._conn.pgconn.exec_(self._notify).status != pq.ExecStatus.COMMAND_OK:
+            notify = self._notify
+            if position:
+                # An int, rendered as a string literal: nothing from outside goes into the statement.
+                notify = sql.SQL("NOTIFY {}, {}").format(self._channel, sql.Literal(str(position))).as_bytes()
+            if self._conn.pgconn.exec_(notify).status != pq.ExecStatus.COMMAND_OK:
                 self._disconnect()  # a broken connection; the next NOTIFY opens a new one
         except psycopg.Error:
             self._disconnect()  # the server is going away; followers' polling covers this one
@@ -91,5 +108,5 @@ class ReaderWakeup:
         if self._thread is not None:
             self._thread.join(timeout=5)
             if self._pending.is_set() and not self._thread.is_alive():
-                self._send()
+                self._send(self._position)
                 self._disconnect()

@@ -23,6 +23,7 @@ from eventstore import (
     StreamAppend,
 )
 from eventstore.migrations import available_migrations, current_version, migrate
+from eventstore.records import LogPosition, RecordedEvent
 from tests.helpers import read_all_settled, unique_name, wait_until
 
 
@@ -249,6 +250,43 @@ def test_follower_is_woken_by_notify_not_the_poll(store: EventStore) -> None:
     store.append(uuid.uuid4(), "Ping", new_events(3), 0)
     wait_until(lambda: len(received) == 3, timeout=10, what="the follower to receive")
     assert time.monotonic() - started < 10  # far below the 60 s poll: the notification woke it
+    stop.set()
+    store.append(uuid.uuid4(), "Ping", new_events(1), 0)  # wakes it to see the stop
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_follower_looks_again_for_announced_events_the_horizon_held_back(
+    store: EventStore, settings: Settings
+) -> None:
+    """An event whose notification came while an older transaction held the read horizon is read
+    soon after that transaction ends, though it ends without writing an event (so without a
+    notification of its own) and the poll is a minute away."""
+    reads = [0]
+
+    def read(after: LogPosition, limit: int) -> list[RecordedEvent]:
+        reads[0] += 1
+        return store.read_all(after=after, limit=limit)
+
+    follower = LogFollower(store, poll_interval=60.0, read=read, position_of=lambda e: e.log_position)
+    stop = threading.Event()
+    received: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: [received.extend(b) for b in follower.batches(stop)], daemon=True
+    )
+    thread.start()
+    wait_until(lambda: follower.listening and reads[0] == 1, what="the follower to listen")
+    with postgres_connection(settings, autocommit=True) as holder:
+        with holder.transaction():
+            holder.execute("SELECT pg_current_xact_id()")  # holds an id, writes no event
+            late = store.append(uuid.uuid4(), "Late", new_events(1), 0)  # committed and notified
+            assert store.horizon().held_back_events == 1
+            wait_until(lambda: reads[0] >= 2, what="the follower to read after the notification")
+            assert received == []
+        started = time.monotonic()  # the holder ended: no event, no notification
+        wait_until(lambda: len(received) == 1, timeout=20, what="the follower to look again")
+    assert time.monotonic() - started < 20  # far below the 60 s poll
+    assert received[0].position == late.positions[0]
     stop.set()
     store.append(uuid.uuid4(), "Ping", new_events(1), 0)  # wakes it to see the stop
     thread.join(timeout=10)
