@@ -189,6 +189,7 @@ def migrate_events(
         keys = dump_data_keys(conn, source.schema)
     with target.pool.connection() as conn, conn.transaction():
         load_data_keys(conn, target.schema, keys)
+    target.analyze()  # a rebuild on the new store usually follows: its reads plan by these statistics
     return _verify(source, target, transform_name, state, resumed_from, run_events, started)
 
 

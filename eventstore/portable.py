@@ -222,6 +222,7 @@ def import_log(
                 raise PortableFileError(str(exc)) from None
     except PortableFileError as exc:
         raise PortableFileError(f"{exc}; nothing was imported into schema {store.schema}") from None
+    store.analyze()  # a rebuild usually follows: its reads plan by these statistics
     return TransferSummary(count, reader.sha256, time.monotonic() - started, reader.last_position)
 
 

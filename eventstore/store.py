@@ -460,6 +460,19 @@ class EventStore:
         with self.pool.connection() as conn:
             return read_horizon(conn, self.schema)
 
+    def analyze(self) -> None:
+        """Refresh PostgreSQL's statistics of the events table: after a bulk load (an import, a
+        migrated log), before anything reads it in bulk.
+
+        Why: without statistics the planner takes the filtered reads of the log (a rebuild's, by
+        stream type and partition) for a few rows, and answers each batch by collecting every row
+        after it and sorting them. A rebuild right after importing 1,000,000 events read its
+        partition 3.6x slower that way, until autovacuum's own analyze came round. Needs the table's
+        owner (PostgreSQL only warns otherwise, and autovacuum still catches up).
+        """
+        with self.pool.connection() as conn:
+            conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(self.schema, "events")))
+
     def max_position(self) -> int:
         """The highest global position written so far (0 when empty), committed or held back."""
         query = sql.SQL("SELECT coalesce(max(position), 0) FROM {}.events").format(

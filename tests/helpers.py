@@ -44,6 +44,18 @@ def unique_name(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:12]}"
 
 
+def planner_row_estimate(store: EventStore) -> int:
+    """``pg_class.reltuples`` of the store's events table: -1 until it is first analyzed (or
+    vacuumed), then the row count the planner works from."""
+    with store.pool.connection() as conn:
+        row = conn.execute(
+            "SELECT reltuples::int8 FROM pg_class WHERE oid = to_regclass(%s)",
+            (f'"{store.schema}".events',),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def read_all_settled(store: EventStore, count: int, limit: int = 100_000) -> list[RecordedEvent]:
     """The log once ``count`` events are readable.
 

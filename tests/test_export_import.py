@@ -30,7 +30,7 @@ from eventstore.portable import (
     open_export,
     open_import,
 )
-from tests.helpers import read_all_settled, unique_name
+from tests.helpers import planner_row_estimate, read_all_settled, unique_name
 
 BIN = Path(sys.executable).with_name("datalayer")
 
@@ -130,6 +130,8 @@ def test_export_then_import_gives_byte_identical_events(
     assert (imported.events, imported.sha256) == (count, exported.sha256)
     assert imported.last_position == exported.last_position
     assert_same_log(store, empty_store, count)
+    # Analyzed once imported: a rebuild's reads of it plan by real statistics from the start.
+    assert planner_row_estimate(empty_store) == count
 
 
 def test_encrypted_payloads_round_trip_and_still_decrypt(
