@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import re
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +28,18 @@ from projections.target import ProjectionTarget
 
 LOG_CHECKPOINT = "log"
 _PARTITION_CHECKPOINT = re.compile(r"log:\d+/\d+")
+
+
+def _nothing_applied_after(checkpoints: Mapping[str, str]) -> LogPosition | None:
+    """The log position after which nothing in the target was applied: the furthest of its replay
+    checkpoints (the whole log's and every partition's), or None once a Kafka consumer fed it.
+
+    A replay that starts behind another's checkpoint (the whole log's catch-up after a parallel
+    replay) meets events applied already, which the versions must absorb: they have to be read.
+    """
+    if not all(is_log_checkpoint(source) for source in checkpoints):
+        return None
+    return max((LogPosition.parse(position) for position in checkpoints.values()), default=LOG_START)
 
 
 def partition_checkpoint(index: int, count: int) -> str:
@@ -88,6 +100,7 @@ def replay(
     # each says its events up to there are applied.
     stored = [LogPosition.parse(checkpoints[s]) for s in {name, LOG_CHECKPOINT} if s in checkpoints]
     stats = ReplayStats(position=max(stored, default=LOG_START))
+    fresh_after = _nothing_applied_after(checkpoints)
     reader_of_log = LogReader(store, projection.stream_types, partition)
 
     def read(after: LogPosition) -> list[ProjectedEvent]:
@@ -114,7 +127,10 @@ def replay(
             # Let go of the batch once applied: kept until the next one replaces it, it would be
             # alive beside that one while the loop waits for it.
             del events
-            outcome = apply_batch(projection, target, items, {name: str(last)}, sink)
+            # Past every replay's checkpoint, a stream starting at its initial version is new (see
+            # apply_batch): its versions and rows need no read.
+            fresh = fresh_after is not None and stats.position >= fresh_after
+            outcome = apply_batch(projection, target, items, {name: str(last)}, sink, fresh_streams=fresh)
             del items
             collection.after_batch(count)
             stats.events_read += count

@@ -67,14 +67,22 @@ def apply_batch(
     items: Sequence[SourceItem],
     checkpoints: Mapping[str, str],
     dead_letters: DeadLetterSink,
+    *,
+    fresh_streams: bool = False,
 ) -> BatchOutcome:
     """Apply ``items`` in order and store ``checkpoints`` with them, exactly once per event.
 
     Retries the whole batch if another process applied some of the same streams meanwhile.
+    With ``fresh_streams`` (a replay, which resumes from a checkpoint stored with its batches and so
+    never applies an event twice), a stream whose first event here is its initial version is not
+    read: the target takes it as never applied, and a retry reads it if that was wrong.
     """
     for attempt in range(1, MAX_CONFLICT_RETRIES + 1):
         try:
-            return _apply_once(projection, target, items, checkpoints, dead_letters)
+            # A retry reads every stream: the conflict may be a redelivered stream taken as fresh.
+            return _apply_once(
+                projection, target, items, checkpoints, dead_letters, fresh_streams and attempt == 1
+            )
         except BatchConflict:
             if attempt == MAX_CONFLICT_RETRIES:
                 raise
@@ -115,6 +123,7 @@ def _apply_once(
     items: Sequence[SourceItem],
     checkpoints: Mapping[str, str],
     dead_letters: DeadLetterSink,
+    take_fresh: bool = False,
 ) -> BatchOutcome:
     outcome = BatchOutcome()
     decoder = projection.decoder
@@ -125,8 +134,15 @@ def _apply_once(
     check = decoder.check
     prepare = _preparer(decoder)
     with target.batch() as batch:
-        stream_ids = {item.event.stream_id for item in items if item.event is not None}
-        applied = batch.applied_versions(stream_ids) if stream_ids else {}
+        # Each stream's first version in the batch: with take_fresh, a stream that starts at its
+        # initial version here is taken as never applied (the target's commit detects otherwise).
+        first: dict[str, int] = {}
+        for item in items:
+            event = item.event
+            if event is not None and event.stream_id not in first:
+                first[event.stream_id] = event.stream_version
+        fresh = [sid for sid, version in first.items() if version == initial] if take_fresh else []
+        applied = batch.applied_versions(first.keys(), fresh) if first else {}
         versions = outcome.versions
         writes = batch.writes
         dead = outcome.dead_letters

@@ -29,11 +29,14 @@ class TargetBatch(Protocol[W_co]):
         """What handlers write through (``SqlWrites``, ``RedisWrites``)."""
         ...
 
-    def applied_versions(self, stream_ids: Collection[str]) -> dict[str, int]:
+    def applied_versions(self, stream_ids: Collection[str], fresh: Collection[str] = ()) -> dict[str, int]:
         """The last applied version of each of ``stream_ids`` that has one.
 
-        PostgreSQL locks these rows until the batch ends, so a second process applying the same
-        streams waits and then sees the new versions.
+        ``fresh`` names those whose first event in the batch is their initial version. A target may
+        take them as never applied without reading them, provided its commit then raises
+        :class:`BatchConflict` if one was (a redelivery) and the batch applied again reads them.
+        The commit checks every version read, too: a stream another process moved meanwhile is a
+        conflict, never an overwrite.
         """
         ...
 

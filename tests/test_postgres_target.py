@@ -376,6 +376,45 @@ def test_concurrent_batches_of_new_streams_apply_each_event_once(
     assert {row["version"] for row in order_rows(engine, target).values()} == {5}
 
 
+def test_fresh_streams_are_not_read_and_one_applied_already_is_read_on_the_retry(
+    engine: Engine, target: PostgresTarget
+) -> None:
+    """With ``fresh_streams`` (a replay), a stream whose first event in the batch is version 1 is
+    taken as never applied, without a read. One that was applied after all (a replay over a read
+    model a consumer fed) fails the versions INSERT, and the batch applied again reads it: nothing
+    is applied twice."""
+    done, fresh = [new_stream() for _ in range(3)], [new_stream() for _ in range(3)]
+    assert apply(target, [placed(s) for s in done]).applied == 3
+    reads: list[list[str]] = []
+
+    @contextmanager
+    def counting() -> Iterator[Any]:
+        with target.batch() as batch:
+            read = batch.applied_versions
+
+            def applied_versions(stream_ids: Any, fresh: Any = ()) -> dict[str, int]:
+                reads.append(sorted(set(stream_ids) - set(fresh)))
+                return read(stream_ids, fresh)
+
+            batch.applied_versions = applied_versions  # type: ignore[method-assign]
+            yield batch
+
+    spy = type("Spy", (), {"projection": target.projection, "batch": staticmethod(counting)})()
+    items = [placed(s) for s in fresh] + [make_event(s, 2, "Paid") for s in fresh]
+    outcome = apply_batch(target.projection, spy, items, {"log": "2"}, Sink(), fresh_streams=True)
+    assert (outcome.applied, outcome.duplicates) == (6, 0)
+    assert reads == [[]]  # all three fresh: nothing read
+
+    again = [placed(s) for s in done + fresh] + [make_event(s, 3, "Paid") for s in fresh]
+    outcome = apply_batch(target.projection, spy, again, {"log": "3"}, Sink(), fresh_streams=True)
+    assert (outcome.applied, outcome.duplicates) == (3, 6)
+    assert reads[1:] == [[], sorted(done + fresh)]  # taken as fresh, conflicted, read on the retry
+    assert daily_totals(engine, target) == {DAY: (6, Decimal("60.00"))}
+    assert {target.applied_version(s) for s in done} == {1}
+    assert {target.applied_version(s) for s in fresh} == {3}
+    assert {row["status"] for row in order_rows(engine, target).values()} == {"placed", "paid"}
+
+
 def test_a_batch_whose_known_streams_moved_meanwhile_conflicts_and_writes_nothing(
     engine: Engine, target: PostgresTarget
 ) -> None:

@@ -19,8 +19,9 @@ from sqlalchemy import Connection, Engine, event, select
 
 from datalayer.settings import Settings
 from eventstore import EventStore
+from eventstore.records import LOG_START, LogPosition
 from projections.orders import OrderViews
-from projections.replay import ReplayStats, replay
+from projections.replay import ReplayStats, _nothing_applied_after, replay
 from projections.targets import PostgresTarget
 from tests.helpers import unique_name
 from tests.pipeline import Pipeline, pg_contents, pipeline
@@ -114,3 +115,12 @@ def test_the_collector_is_paused_during_a_replay_and_collects_between_batches(
     full = [events for events, generation in collections if generation == 2]
     assert full == [n * 20 - 10 for n in range(1, stats.events_read // 20 + 1)]
     assert len(pg_contents(pl.engine, views)["order_summaries"]) == 30
+
+
+def test_a_replay_takes_new_streams_as_fresh_only_past_every_replays_checkpoint() -> None:
+    """Streams starting at their initial version go unread only where nothing can have been applied:
+    past every replay checkpoint of the target (a whole-log catch-up behind its partitions' must
+    read, or poison events would be dead-lettered twice), and never once a Kafka consumer fed it."""
+    assert _nothing_applied_after({}) == LOG_START
+    assert _nothing_applied_after({"log": "5/10", "log:0/2": "7/3", "log:1/2": "6/20"}) == LogPosition(7, 3)
+    assert _nothing_applied_after({"log": "5/10", "datalayer.events.Order:0": "12"}) is None

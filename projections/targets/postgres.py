@@ -330,7 +330,24 @@ class _PostgresBatch:
     def writes(self) -> SqlWrites:
         return self._writes
 
-    def applied_versions(self, stream_ids: Collection[str]) -> dict[str, int]:
+    def applied_versions(self, stream_ids: Collection[str], fresh: Collection[str] = ()) -> dict[str, int]:
+        """The versions of the streams read, with their prefetched rows; ``fresh`` streams (first
+        seen at their initial version) are taken as never applied, and their rows as absent.
+
+        Why: in a replay, two in three of a batch's streams start in it (new orders), and reading
+        them found nothing, at ~4% of a single-process replay's rate. A fresh stream goes into the
+        versions table with a plain INSERT, which fails on one applied after all (a unique
+        violation: BatchConflict); the batch applied again reads it.
+        """
+        target = self._target
+        if fresh:
+            skipped = set(fresh)
+            for spec in target._prefetch:
+                keys = [uuid_key(sid) if spec.normalizers[0] is not None else str(sid) for sid in skipped]
+                self._writes.preload(spec.table, dict.fromkeys(keys))
+            stream_ids = [sid for sid in stream_ids if sid not in skipped]
+            if not stream_ids:
+                return {}
         texts = [uuid_key(sid) for sid in stream_ids]  # how SqlWrites keys UUID columns
         ids = [as_uuid(text) for text in texts]
         target, conn = self._target, self._conn

@@ -320,9 +320,9 @@ class _RedisBatch:
     ) -> None:
         return None
 
-    def applied_versions(self, stream_ids: Collection[str]) -> dict[str, int]:
-        """The versions this target remembers, and one HMGET for the others; the commit script
-        checks all of them are unchanged before writing."""
+    def applied_versions(self, stream_ids: Collection[str], fresh: Collection[str] = ()) -> dict[str, int]:
+        """The versions this target remembers, and one HMGET for the others (``fresh`` streams
+        included); the commit script checks all of them are unchanged before writing."""
         known = self._target._known
         found: dict[str, int] = {}
         ids = self._ids
