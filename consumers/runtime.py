@@ -32,7 +32,7 @@ from eventstore.relay.topics import create_missing_topics, topic_for
 from projections.events import MalformedEvent, event_from_envelope
 from projections.projection import Projection
 from projections.runner import BatchOutcome, SourceItem, apply_batch
-from projections.target import BatchConflict, ProjectionTarget
+from projections.target import BatchConflict, ProjectionTarget, TargetReadFailed
 
 log = logging.getLogger("datalayer.consumer")
 
@@ -48,6 +48,10 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     KafkaError,
     OSError,
 )
+
+# What applying a batch is retried on: the transient errors, and a handler's read of the target
+# that failed (retried only when its cause is transient, see _transient).
+_RETRIED: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, TargetReadFailed)
 
 # What a batch's deferred commit may fail with and still be applied again at once.
 _APPLY_AGAIN: tuple[type[BaseException], ...] = (BatchConflict, *TRANSIENT_ERRORS)
@@ -343,8 +347,8 @@ class ProjectionConsumer:
         for attempt in range(1, self.config.max_retries + 2):
             try:
                 return apply_batch(self.projection, self.target, items, checkpoints, sink)
-            except TRANSIENT_ERRORS as exc:
-                if attempt > self.config.max_retries:
+            except _RETRIED as exc:
+                if attempt > self.config.max_retries or not _transient(exc):
                     raise
                 self.stats.retries += 1
                 log.warning(
@@ -498,6 +502,13 @@ class _Batch:
     offsets: dict[TopicPartition, OffsetAndMetadata]
     outcome: BatchOutcome
     seconds: float
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (or, for a handler's read that failed, its cause) is worth a retry."""
+    if isinstance(exc, TargetReadFailed):
+        return isinstance(exc.__cause__, TRANSIENT_ERRORS)
+    return isinstance(exc, TRANSIENT_ERRORS)
 
 
 def _read(

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from projections.events import EventDecoder, MalformedEvent, ProjectedEvent
 from projections.projection import Projection
-from projections.target import BatchConflict, ProjectionTarget
+from projections.target import BatchConflict, ProjectionTarget, TargetReadFailed
 
 log = logging.getLogger("datalayer.projections")
 
@@ -198,6 +198,10 @@ def _apply_once(
                 batch.drop_event()
                 dead.append(DeadLetter(exc.reason, str(exc), event, item.original))
                 continue
+            except TargetReadFailed:
+                # Not the event's fault: the whole batch fails, and the consumer retries it when
+                # the cause is transient (a server restarting).
+                raise
             except Exception as exc:
                 batch.drop_event()
                 detail = "".join(traceback.format_exception_only(exc)).strip()

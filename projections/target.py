@@ -21,6 +21,14 @@ class BatchConflict(Exception):
     """
 
 
+class TargetReadFailed(Exception):
+    """A row a handler asked the batch's writes for could not be read from the target.
+
+    The target failed, not the event: the runner fails the whole batch with the cause (retried as
+    a batch when it is transient, such as a server restart) instead of dead-lettering the event.
+    """
+
+
 class TargetBatch(Protocol[W_co]):
     """One open batch: read versions, collect each event's writes, then :meth:`commit`."""
 

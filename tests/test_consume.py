@@ -10,12 +10,13 @@ from decimal import Decimal
 from typing import Any, ClassVar
 
 import orjson
+import psycopg
 import pytest
 import redis
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from sqlalchemy import Engine
 
-from consumers.runtime import ProjectionConsumer
+from consumers.runtime import ProjectionConsumer, _transient
 from datalayer.settings import Settings
 from domain import Order, OrderStatus
 from eventstore import EventStore
@@ -23,6 +24,7 @@ from projections.events import ProjectedEvent
 from projections.freshness import ReadModelTimeout, wait_until_applied
 from projections.orders import OrderCacheQueries, OrderQueries, OrderViews
 from projections.projection import handles
+from projections.target import TargetReadFailed
 from projections.targets import PostgresTarget, SqlWrites
 from tests.helpers import unique_name, wait_until
 from tests.pipeline import Pipeline, dead_letters, pipeline
@@ -262,3 +264,13 @@ def test_a_consumer_left_without_partitions_rejoins_and_misses_nothing(pl: Pipel
     assert len(orders.customer_orders(customer).items) == 4
     pl.wait_caught_up(pl.views)
     assert pl.read_model(pl.views) == pl.read_model(pl.fresh_replay(pl.views))
+
+
+def test_a_handlers_failed_read_is_retried_only_when_its_cause_is_transient() -> None:
+    """A server restarting under a handler's read is retried as a batch; a read that cannot work
+    (a missing table) stops the consumer with its error, as any lasting target error does."""
+    restarting, missing = TargetReadFailed("read"), TargetReadFailed("read")
+    restarting.__cause__ = psycopg.OperationalError("the server is restarting")
+    missing.__cause__ = psycopg.errors.UndefinedTable("no such table")
+    assert _transient(restarting) and not _transient(missing)
+    assert _transient(psycopg.OperationalError("down")) and not _transient(ValueError("bad"))

@@ -33,12 +33,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, ProgrammingError
 
 from projections.events import ProjectedEvent
 from projections.projection import handles
 from projections.runner import BatchOutcome, DeadLetter, SourceItem, apply_batch
-from projections.target import BatchConflict, TargetBatch
+from projections.target import BatchConflict, TargetBatch, TargetReadFailed
 from projections.targets import PostgresTarget, SqlProjection, SqlWrites
 from tests.helpers import unique_name
 
@@ -107,6 +107,12 @@ class Orders(SqlProjection):
     def counted(self, event: ProjectedEvent, writes: SqlWrites) -> None:
         writes.upsert(orders, {"id": event.stream_id, "status": "counted", "version": event.stream_version})
         writes.increment(daily, {"day": DAY}, {"orders": 1, "revenue": Decimal(1)})
+
+    @handles("Noted")
+    def noted(self, event: ProjectedEvent, writes: SqlWrites) -> None:
+        # notes is not prefetched: get() reads the row from PostgreSQL.
+        row = writes.get(notes, {"id": event.stream_id}) or {"id": event.stream_id, "note": ""}
+        writes.upsert(notes, {**row, "note": f"{row['note']}+{event.stream_version}"})
 
     @handles("Poison")
     def poison(self, event: ProjectedEvent, writes: SqlWrites) -> None:
@@ -493,6 +499,27 @@ def test_get_sees_pending_writes_and_prefetched_rows_without_round_trips(
             assert len(statements) == 2  # absence is cached too
     finally:
         event.remove(engine, "before_cursor_execute", count)
+
+
+def test_a_handlers_read_that_fails_fails_the_batch_and_dead_letters_nothing(
+    engine: Engine, target: PostgresTarget
+) -> None:
+    """A row a handler asks for that PostgreSQL cannot give (here the table is gone; a server
+    restarting is the usual cause) is the target's failure, not the event's: the batch raises with
+    that error and writes nothing, rather than dead-letter the event as poison and go on."""
+    stream = new_stream()
+    assert apply(target, [make_event(stream, 1, "Noted")]).applied == 1
+    with connect(engine, target) as conn:
+        conn.execute(notes.delete())  # the note must be read from the table, not remembered
+        conn.exec_driver_sql(f'ALTER TABLE "{target.schema}".notes RENAME TO notes_gone')
+        conn.commit()
+    sink = Sink()
+    with pytest.raises(TargetReadFailed, match="'notes'") as info:
+        apply(target, [make_event(stream, 2, "Noted")], "2", sink)
+    assert isinstance(info.value.__cause__, ProgrammingError)
+    assert sink.letters == []
+    assert target.applied_version(stream) == 1
+    assert target.checkpoints() == {"log": "1"}
 
 
 def test_write_validation_names_the_table(target: PostgresTarget) -> None:

@@ -15,6 +15,8 @@ from uuid import UUID
 
 from sqlalchemy import Table, Uuid
 
+from projections.target import TargetReadFailed
+
 Key = Any  # the primary key value for one-column keys, else a tuple of values in key order
 Row = dict[str, Any]
 RowLoader = Callable[["TableSpec", Key], "Row | None"]
@@ -403,5 +405,9 @@ class SqlWrites:
             rows = self._rows[spec] = {}
         if key in rows:
             return rows[key]
-        row = rows[key] = self._loader(spec, key)
+        try:
+            row = self._loader(spec, key)
+        except Exception as exc:
+            raise TargetReadFailed(f"table {spec.name!r}: reading the row {key!r} failed: {exc}") from exc
+        rows[key] = row
         return row
