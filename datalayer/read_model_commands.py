@@ -50,14 +50,16 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     projections = _projections(args.projections)
     _logging()
     _check_kafka_tls(settings)
-    config = consumer_config(settings, max_batch=args.batch_size)
+    # Only a size given here overrides the runtime's own default.
+    sizes = {} if args.batch_size is None else {"max_batch": args.batch_size}
+    config = consumer_config(settings, **sizes)
     if args.metrics_port is not None:
         from datalayer.metrics import PipelineMetrics
 
         metrics = PipelineMetrics()
         metrics.watch_pipeline(settings, projections)
         metrics.count_logged_errors("consumer", "datalayer.consumer")
-        config = consumer_config(settings, max_batch=args.batch_size, observer=metrics.consumer_observer)
+        config = consumer_config(settings, **sizes, observer=metrics.consumer_observer)
         metrics.serve(args.metrics_port, args.metrics_host)
     stores = [read_model_store(p, settings) for p in projections]
     consumers = [
@@ -262,7 +264,12 @@ def add_commands(commands: Any) -> None:
     consume.add_argument(
         "projections", nargs="*", metavar="PROJECTION", help="names or module:Class (default: all known)"
     )
-    consume.add_argument("--batch-size", type=int, default=1000, help="records per batch (default 1000)")
+    consume.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="records per batch (default: the runtime's ConsumerConfig.max_batch, 2000)",
+    )
     add_metrics_arguments(consume)
     consume.set_defaults(handler=cmd_consume)
 

@@ -102,3 +102,17 @@ def test_consume_names_an_unknown_projection_as_a_usage_error() -> None:
     result = run("consume", "json:dumps")
     assert result.returncode == 2 and "is not a Projection class" in result.stderr
     assert "example:" in run("consume", "--help").stdout
+
+
+def test_consume_batches_as_the_runtime_does_unless_told() -> None:
+    """`datalayer consume` runs the consumer runtime's batch size (what the benchmark measures), and
+    refuses a size that is not a positive number of records."""
+    from consumers.runtime import ConsumerConfig
+    from datalayer.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["consume"]).batch_size is None  # ConsumerConfig decides
+    assert ConsumerConfig().max_batch == 2000
+    assert parser.parse_args(["consume", "--batch-size", "500"]).batch_size == 500
+    result = run("consume", "--batch-size", "0")
+    assert result.returncode == 2 and "--batch-size" in result.stderr
