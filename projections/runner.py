@@ -73,9 +73,9 @@ def apply_batch(
     """Apply ``items`` in order and store ``checkpoints`` with them, exactly once per event.
 
     Retries the whole batch if another process applied some of the same streams meanwhile.
-    With ``fresh_streams`` (a replay, which resumes from a checkpoint stored with its batches and so
-    never applies an event twice), a stream whose first event here is its initial version is not
-    read: the target takes it as never applied, and a retry reads it if that was wrong.
+    With ``fresh_streams`` (a replay past every checkpoint of its target, where nothing can have
+    been applied yet), a stream whose first event here is its initial version is not read: the
+    target takes it as never applied, and a retry reads it if that was wrong.
     """
     for attempt in range(1, MAX_CONFLICT_RETRIES + 1):
         try:
