@@ -167,11 +167,11 @@ class LogFollower(Generic[EntryT]):
 
     def _note_read(self, batch: Sequence[EntryT], full: bool) -> None:
         """Raise the highest position read. Positions follow insertion, not commit, so a batch's
-        highest may be anywhere in it; a full batch (another read follows at once) counts its last."""
+        highest may be anywhere in it: the batch is searched only when its last entry leaves an
+        announced position unread, and not when it is full (another read follows at once)."""
         position_of = self._position_of
-        if full:
-            highest = position_of(batch[-1]).position
-        else:
+        highest = position_of(batch[-1]).position
+        if not full and highest < self._announced:
             highest = max(position_of(entry).position for entry in batch)
         if highest > self._read_up_to:
             self._read_up_to = highest
