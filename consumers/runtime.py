@@ -28,6 +28,7 @@ from kafka.structs import OffsetAndMetadata
 from consumers import record_unpacking
 from consumers.assignment_watch import AssignmentWatch
 from consumers.dead_letters import DEAD_LETTER_PRODUCER_SETTINGS, KafkaDeadLetters, dead_letter_topic
+from consumers.group_join import fix_group_join
 from eventstore.relay.topics import create_missing_topics, topic_for
 from projections.events import MalformedEvent, event_from_envelope
 from projections.projection import Projection
@@ -325,6 +326,7 @@ class ProjectionConsumer:
     def _join(self, group: str, stop: threading.Event) -> KafkaConsumer:
         """A new client in ``group``, subscribed, seeking to the target's checkpoints on assignment."""
         consumer = KafkaConsumer(**self.kafka_config, group_id=group, **self.config.kafka_consumer_settings())
+        fix_group_join(consumer)  # else a rebalance that outlives a poll() can stall it for good
         if self.config.lean_unpacking:
             record_unpacking.install(consumer)
         try:
