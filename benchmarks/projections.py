@@ -672,7 +672,7 @@ class LatencyRun:
     observer: str  # "batched" or "per-sample"
     pg_ms: list[float]
     redis_ms: list[float]
-    achieved: dict[str, float]
+    achieved: dict[str, Any]
 
 
 def latency(
@@ -753,7 +753,8 @@ def latency(
                 }
             else:
                 pair = {"pg": Observer("pg", pg_shows), "redis": Observer("redis", redis_shows)}
-            achieved = observe(names, fill, rate, seconds, pair)
+            watched = {"relay": processes[0], "pg_consumer": processes[1], "redis_consumer": processes[2]}
+            achieved = observe(names, fill, rate, seconds, pair, watched)
             runs.append(LatencyRun(way, pair["pg"].latencies, pair["redis"].latencies, achieved))
         return runs
     finally:
@@ -765,9 +766,15 @@ def latency(
 
 
 def observe(
-    names: Names, fill: Fill, rate: float, seconds: float, observers: dict[str, Observer]
-) -> dict[str, float]:
-    """One writer run, its samples handed to ``observers`` (``pg``, ``redis``); what the writer achieved."""
+    names: Names,
+    fill: Fill,
+    rate: float,
+    seconds: float,
+    observers: dict[str, Observer],
+    watched: Mapping[str, subprocess.Popen[str]],
+) -> dict[str, Any]:
+    """One writer run, its samples handed to ``observers`` (``pg``, ``redis``); what the writer
+    achieved, and the cores the ``watched`` processes (relay, consumers) used meanwhile."""
     for observer in observers.values():
         observer.start()
     spec = {
@@ -780,15 +787,22 @@ def observe(
     }
     writer = spawn("writer", spec, stdout=True)
     assert writer.stdout is not None
-    achieved: dict[str, float] = {}
+    achieved: dict[str, Any] = {}
     # CPU of this process while the writer runs (the observers, mostly): what measuring costs the
     # machine, beside the servers' share of the queries.
     cpu = time.process_time()
+    # Theirs too: at a steady low rate each process's cost per wake-up, not per event, dominates,
+    # and the machine's spare CPU is what keeps the latency's tail short.
+    started = {name: process_cpu_s(process.pid) for name, process in watched.items()}
     for line in writer.stdout:
         parts = line.split()
         if parts[0] == "done":
             achieved = {"commands": int(parts[1]), "events": int(parts[2]), "seconds": float(parts[3])}
             achieved["observer_cores"] = (time.process_time() - cpu) / achieved["seconds"]
+            achieved["process_cores"] = {
+                name: round((process_cpu_s(process.pid) - started[name]) / achieved["seconds"], 2)
+                for name, process in watched.items()
+            }
             continue
         status = None if parts[2] == "-" else OrderStatus(parts[2])
         sample = Sample(UUID(parts[0]), int(parts[1]), status, float(parts[3]))
@@ -804,6 +818,13 @@ def observe(
         if observer.missed:
             raise RuntimeError(f"{observer.missed} samples never showed in the {observer.name} read model")
     return achieved
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user and system) process ``pid`` has used so far, from ``/proc``."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def caught_up(target: PostgresTarget | RedisTarget, ends: Mapping[str, int], processes: list[Any]) -> None:
@@ -1092,6 +1113,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             },
             "latency_events_per_s": round(one.achieved["events"] / one.achieved["seconds"], 1),
             "latency_observer_cores": round(one.achieved["observer_cores"], 2),
+            "latency_process_cores": one.achieved["process_cores"],
         }
 
     # The headline latency is the batched observer's when it ran (see Observer), the other one's
@@ -1117,6 +1139,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "latency_redis_ms": main["latency_redis_ms"],
         "latency_events_per_s": main["latency_events_per_s"],
         "latency_observer_cores": main["latency_observer_cores"],
+        "latency_process_cores": main["latency_process_cores"],
         "kafka_crc32c": kafka_crc32c(),
         "cpu_us_per_record": {kind: round(statistics.median(values), 2) for kind, values in cpu_us.items()},
     }
@@ -1179,6 +1202,13 @@ def report(figures: dict[str, Any], args: argparse.Namespace) -> None:
         (
             "    observed; observing process cores",
             f"{figures['latency_observer']}; {figures['latency_observer_cores']:.2f}",
+        ),
+        (
+            "    cores of the relay / PostgreSQL / Redis consumer",
+            " / ".join(
+                f"{figures['latency_process_cores'][name]:.2f}"
+                for name in ("relay", "pg_consumer", "redis_consumer")
+            ),
         ),
     ]
     for key, other in figures.items():

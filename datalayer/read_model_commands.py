@@ -14,7 +14,7 @@ import time
 from typing import Any, TextIO
 
 from datalayer.settings import Settings
-from datalayer.status_commands import add_metrics_arguments, positive_int
+from datalayer.status_commands import add_metrics_arguments, non_negative_int, positive_int
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -50,8 +50,10 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     projections = _projections(args.projections)
     _logging()
     _check_kafka_tls(settings)
-    # Only a size given here overrides the runtime's own default.
+    # Only what is given here overrides the runtime's own defaults.
     sizes = {} if args.batch_size is None else {"max_batch": args.batch_size}
+    if args.fetch_wait_ms is not None:
+        sizes["fetch_wait_ms"] = args.fetch_wait_ms
     config = consumer_config(settings, **sizes)
     if args.metrics_port is not None:
         from datalayer.metrics import PipelineMetrics
@@ -269,6 +271,14 @@ def add_commands(commands: Any) -> None:
         type=positive_int,
         default=None,
         help="records per batch (default: the runtime's ConsumerConfig.max_batch, 2000)",
+    )
+    consume.add_argument(
+        "--fetch-wait-ms",
+        type=non_negative_int,
+        default=None,
+        metavar="MS",
+        help="how long Kafka may hold a fetch for more records: less CPU at low rates, at most this "
+        "much more latency; 0 answers at once (default: ConsumerConfig.fetch_wait_ms, 10)",
     )
     add_metrics_arguments(consume)
     consume.set_defaults(handler=cmd_consume)

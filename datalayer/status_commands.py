@@ -192,12 +192,21 @@ def _non_negative(value: str) -> float:
 
 def positive_int(value: str) -> int:
     """An argparse type: a whole number >= 1, or a one-line error naming the value."""
+    return _whole_number(value, 1)
+
+
+def non_negative_int(value: str) -> int:
+    """An argparse type: a whole number >= 0, or a one-line error naming the value."""
+    return _whole_number(value, 0)
+
+
+def _whole_number(value: str, least: int) -> int:
     try:
         number = int(value)
     except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 1")
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= {least}") from None
+    if number < least:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= {least}")
     return number
 
 

@@ -116,3 +116,20 @@ def test_consume_batches_as_the_runtime_does_unless_told() -> None:
     assert parser.parse_args(["consume", "--batch-size", "500"]).batch_size == 500
     result = run("consume", "--batch-size", "0")
     assert result.returncode == 2 and "--batch-size" in result.stderr
+
+
+def test_consume_holds_fetches_as_the_runtime_does_unless_told() -> None:
+    """Kafka may hold a consumer's fetch up to ``fetch_wait_ms`` for a fuller one (less CPU per
+    record at low rates); ``--fetch-wait-ms 0`` answers at once; a negative wait is refused."""
+    from consumers.runtime import FETCH_MIN_BYTES, ConsumerConfig
+    from datalayer.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["consume"]).fetch_wait_ms is None  # ConsumerConfig decides
+    assert parser.parse_args(["consume", "--fetch-wait-ms", "0"]).fetch_wait_ms == 0
+    held = ConsumerConfig().kafka_consumer_settings()
+    assert (held["fetch_max_wait_ms"], held["fetch_min_bytes"]) == (10, FETCH_MIN_BYTES)
+    at_once = ConsumerConfig(fetch_wait_ms=0).kafka_consumer_settings()
+    assert (at_once["fetch_max_wait_ms"], at_once["fetch_min_bytes"]) == (0, 1)
+    result = run("consume", "--fetch-wait-ms", "-1")
+    assert result.returncode == 2 and "--fetch-wait-ms" in result.stderr and "'-1'" in result.stderr
