@@ -36,7 +36,10 @@ on the consumed topics (``Order`` and ``Product``).
     the less it costs the less it slows the pipeline it measures; the CPU this process used during
     each run is printed (``latency_observer_cores``; measured 0.19 batched against 0.24 per sample,
     plus the servers' share of the queries). The latency itself is defined as before: from
-    ``save()`` returning to a query seeing the change.
+    ``save()`` returning to a query seeing the change. The consumers let Kafka hold a fetch up to
+    ``ConsumerConfig.fetch_wait_ms`` (``--fetch-wait-ms``; 0 answers at once), and the cores the
+    relay and each consumer used during the run are in ``latency_process_cores``: at a steady low
+    rate their cost per wake-up, not per event, decides how busy the machine is.
 
 Each throughput measurement runs in a fresh process, one at a time, from the beginning of the
 topics with a fresh consumer group and a fresh target (schema or key prefix); rounds rotate the
@@ -394,6 +397,8 @@ def consumer_config(spec: Mapping[str, Any], group_id: str) -> ConsumerConfig:
     }
     if spec.get("max_batch"):
         fields["max_batch"] = spec["max_batch"]
+    if spec.get("fetch_wait_ms") is not None:
+        fields["fetch_wait_ms"] = spec["fetch_wait_ms"]
     return ConsumerConfig(**fields)
 
 
@@ -684,13 +689,18 @@ def latency(
     rate: float,
     seconds: float,
     observers: list[str],
+    fetch_wait_ms: int | None = None,
 ) -> list[LatencyRun]:
     """PostgreSQL and Redis latencies (ms) of the sampled commands, and what the writer achieved,
     once per way of observing in ``observers``: one writer run after the other, same workload seed,
     with the relay and the consumers running throughout."""
     views = PostgresTarget(engine, OrderViews(), schema=names.latency_views)
     cache = RedisTarget(client, OrderCache(), prefix=f"dl:{{{names.latency_cache}}}:")
-    base = {"topic_prefix": names.topic_prefix, "dlq_prefix": names.dlq_prefix}
+    base = {
+        "topic_prefix": names.topic_prefix,
+        "dlq_prefix": names.dlq_prefix,
+        "fetch_wait_ms": fetch_wait_ms,
+    }
     processes: list[subprocess.Popen[str]] = []
     stack = contextlib.ExitStack()
     try:
@@ -1039,6 +1049,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "topic_prefix": names.topic_prefix,
             "dlq_prefix": names.dlq_prefix,
             "max_batch": args.max_batch,
+            "fetch_wait_ms": args.fetch_wait_ms,
         }
         rates: dict[str, list[float]] = {
             "pg": [],
@@ -1091,7 +1102,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"latency: {args.latency_rate:g} events/s for {args.latency_seconds:g} s", flush=True)
         groups += [names.group("lv"), names.group("lc")]
         runs = latency(
-            settings, engine, client, names, fill, args.latency_rate, args.latency_seconds, args.observers
+            settings,
+            engine,
+            client,
+            names,
+            fill,
+            args.latency_rate,
+            args.latency_seconds,
+            args.observers,
+            args.fetch_wait_ms,
         )
     finally:
         store.close()
@@ -1140,6 +1159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "latency_events_per_s": main["latency_events_per_s"],
         "latency_observer_cores": main["latency_observer_cores"],
         "latency_process_cores": main["latency_process_cores"],
+        "fetch_wait_ms": ConsumerConfig().fetch_wait_ms if args.fetch_wait_ms is None else args.fetch_wait_ms,
         "kafka_crc32c": kafka_crc32c(),
         "cpu_us_per_record": {kind: round(statistics.median(values), 2) for kind, values in cpu_us.items()},
     }
@@ -1249,6 +1269,12 @@ def main() -> None:
     parser.add_argument("--latency-seconds", type=float, default=LATENCY_SECONDS)
     parser.add_argument(
         "--max-batch", type=int, default=None, help="ConsumerConfig.max_batch (default: its own)"
+    )
+    parser.add_argument(
+        "--fetch-wait-ms",
+        type=int,
+        default=None,
+        help="ConsumerConfig.fetch_wait_ms of every consumer, the latency run's too (default: its own)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run: 20,000 events, 1 round, 10 s latency"
