@@ -184,6 +184,20 @@ def _consumer_checks(report: StatusReport, limits: Thresholds) -> list[Check]:
         if active.error is not None:
             checks.append(Check(name, False, f"{active.name}: {active.error}"))
             continue
+        past_end = active.past_end
+        if past_end:
+            first = past_end[0]
+            checks.append(
+                Check(
+                    name,
+                    False,
+                    f"{active.name}: stored offsets past the end of {len(past_end)} partition(s), "
+                    f"e.g. {first.source} at {first.applied:,} of {first.end:,}: the topic was created "
+                    f"again since this read model consumed it; rebuild it "
+                    f"(datalayer rebuild {projection.name})",
+                )
+            )
+            continue
         seconds = active.lag_seconds
         ok = seconds is not None and seconds <= limits.consumer_lag_seconds
         assigned = active.group_assigned

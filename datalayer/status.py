@@ -98,6 +98,14 @@ class GenerationStatus:
     group_lag: int | None = None
     error: str | None = None
 
+    @property
+    def past_end(self) -> list[PartitionLag]:
+        """Partitions whose stored offset lies past their end: the topic was deleted and created
+        again (or truncated) since this read model consumed it, so its offsets name other records.
+        The consumer reads such a partition from its beginning (the stream versions skip what was
+        applied), but a restart after the topic grew past the stored offset would skip records."""
+        return [p for p in self.partitions if p.applied is not None and p.applied > p.end]
+
 
 @dataclass
 class ProjectionStatus:
@@ -135,6 +143,8 @@ class StatusReport:
         for projection, status in zip(data["projections"], self.projections, strict=True):
             projection["active"] = status.active.name if status.active else None
             projection["rebuilding"] = status.rebuilding
+            for generation, known in zip(projection["generations"], status.generations, strict=True):
+                generation["past_end"] = [p.source for p in known.past_end]
         jsonable: dict[str, Any] = _jsonable(data)
         return jsonable
 
@@ -399,7 +409,8 @@ def _generation_status(
         status.partitions.append(PartitionLag(f"{tp.topic}:{tp.partition}", applied, ends[tp], lag))
         if lag > 0:
             behind[tp] = applied or 0
-    status.lag_events = sum(p.lag for p in status.partitions)
+    # A partition past its end (see past_end) lags by nothing, rather than hide another's lag.
+    status.lag_events = sum(max(p.lag, 0) for p in status.partitions)
     if behind:
         oldest = kafka.oldest_unapplied(behind)
         status.lag_seconds = max((datetime.now(UTC) - oldest).total_seconds(), 0.0) if oldest else None

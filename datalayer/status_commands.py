@@ -126,6 +126,15 @@ def print_status(report: Any, out: SupportsWrite[str], partitions: bool = False)
                         rows.append(("", "", f"  {part.source}", "", lag, "", "", ""))
         print(file=out)
         _table(rows, out)
+        for p in report.projections:
+            for g in p.generations:
+                if g.error is None and g.past_end:
+                    print(
+                        f"  warning: {g.name} stored offsets past the end of {len(g.past_end)} "
+                        f"partition(s) (--partitions shows them): the topic was created again since; "
+                        f"rebuild {p.name}",
+                        file=out,
+                    )
     for server, error in report.errors.items():
         print(f"error: {server}: {error}", file=out)
     print(f"(read in {report.took_seconds * 1000:,.0f} ms)", file=out)

@@ -18,7 +18,9 @@ from typing import Any
 
 import pytest
 import redis
-from kafka import KafkaProducer
+from kafka import KafkaAdminClient, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
 from psycopg import sql
 from sqlalchemy import Engine
 
@@ -169,6 +171,71 @@ def test_status_reports_the_true_lag_of_a_stopped_consumer_and_none_once_caught_
     finally:
         if running is not None:
             running.stop()
+        drop_postgres_read_models(engine, name)
+
+
+def test_status_and_health_name_offsets_past_the_end_of_a_topic_created_again(
+    pl: Pipeline, engine: Engine
+) -> None:
+    """A topic deleted and created again (a Kafka cluster replaced, say) leaves a read model's stored
+    offsets naming records that are not there: flagged, never counted as negative lag."""
+    name = unique_name("stp")
+    projection = type("IsolatedViews", (OrderViews,), {"name": name})()
+    prefixes = {"topic_prefix": pl.topic_prefix, "dead_letter_prefix": pl.dlq_prefix}
+    topic = f"{pl.topic_prefix}Order"
+    admin = KafkaAdminClient(**pl.settings.kafka_config())
+
+    def active() -> Any:
+        report = gather_status(pl.settings, [projection], pl.name, **prefixes)
+        return report.projections[0].active
+
+    def created_again() -> bool:
+        try:
+            admin.create_topics([NewTopic(topic, num_partitions=6, replication_factor=1)])
+        except TopicAlreadyExistsError:  # still being deleted
+            return False
+        return True
+
+    running: Running | None = None
+    try:
+        pl.start_relay()
+        customer, products = pl.seed_catalog(2)
+        pl.order_flow(customer, products, 5)
+        running = Running(pl, projection)
+        wait_until(
+            lambda: (
+                (g := active()) is not None
+                and len(g.partitions) == 6
+                and g.lag_events == 0
+                and sum(p.applied or 0 for p in g.partitions) > 0
+            ),
+            what="the consumer to catch up",
+        )
+        running.stop()
+        running = None
+        assert active().past_end == []
+
+        admin.delete_topics([topic])
+        wait_until(created_again, what=f"{topic} created again")
+        wait_until(lambda: len(active().partitions) == 6, what=f"the partitions of the new {topic}")
+
+        generation = active()
+        assert generation.past_end and all(p.end == 0 for p in generation.past_end)
+        assert generation.lag_events == 0  # not the negative sum of the stored offsets
+        report = status_json(pl, name)
+        (listed,) = report["projections"][0]["generations"]
+        assert listed["past_end"] == [p.source for p in generation.past_end]
+        table = cli(pl, name, "status", ISOLATED_VIEWS, "--relay", pl.name)
+        assert table.returncode == 0, table.stderr
+        assert f"warning: {name}_v1 stored offsets past the end of {len(generation.past_end)}" in table.stdout
+        health = cli(pl, name, "health", "consumers", "--projection", ISOLATED_VIEWS)
+        assert health.returncode == 1
+        assert "stored offsets past the end of" in health.stdout
+        assert f"datalayer rebuild {name}" in health.stdout
+    finally:
+        if running is not None:
+            running.stop()
+        admin.close()
         drop_postgres_read_models(engine, name)
 
 
