@@ -128,7 +128,7 @@ def print_status(report: Any, out: SupportsWrite[str], partitions: bool = False)
         _table(rows, out)
         for p in report.projections:
             for g in p.generations:
-                if g.error is None and g.past_end:
+                if g.error is None and g.status != "retired" and g.past_end:  # a retired one reads nothing
                     print(
                         f"  warning: {g.name} stored offsets past the end of {len(g.past_end)} "
                         f"partition(s) (--partitions shows them): the topic was created again since; "
