@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 import redis
@@ -94,6 +95,14 @@ class Running:
         self.models.close()
 
 
+def start_on_five_orders(pl: Pipeline, projection: OrderViews) -> tuple[Running, UUID, list[UUID]]:
+    """The relay running, a catalog and five orders written, and a live consumer of ``projection``."""
+    pl.start_relay()
+    customer, products = pl.seed_catalog(2)
+    pl.order_flow(customer, products, 5)
+    return Running(pl, projection), customer, products
+
+
 def test_status_reports_the_true_lag_of_a_stopped_consumer_and_none_once_caught_up(
     pl: Pipeline, engine: Engine
 ) -> None:
@@ -122,10 +131,7 @@ def test_status_reports_the_true_lag_of_a_stopped_consumer_and_none_once_caught_
 
     running: Running | None = None
     try:
-        pl.start_relay()
-        customer, products = pl.seed_catalog(2)
-        pl.order_flow(customer, products, 5)
-        running = Running(pl, projection)
+        running, customer, products = start_on_five_orders(pl, projection)
         caught_up()
         running.stop()
 
@@ -198,10 +204,7 @@ def test_status_and_health_name_offsets_past_the_end_of_a_topic_created_again(
 
     running: Running | None = None
     try:
-        pl.start_relay()
-        customer, products = pl.seed_catalog(2)
-        pl.order_flow(customer, products, 5)
-        running = Running(pl, projection)
+        running, _, _ = start_on_five_orders(pl, projection)
         wait_until(
             lambda: (
                 (g := active()) is not None
