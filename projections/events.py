@@ -471,6 +471,13 @@ def _revive_owned(document: dict[str, Any], revivers: dict[str, Reviver]) -> Any
     for key, value in document.items():
         kind = type(value)
         if kind is dict:
+            # A transcoded leaf with a text (a timestamp, an id, an amount: most members) is revived
+            # here, without a call of its own; what it gives is what the call below would.
+            if len(value) == 2 and "_type_" in value and "_data_" in value:
+                data = value["_data_"]
+                if data.__class__ is str:
+                    document[key] = revivers[value["_type_"]](data)
+                    continue
             document[key] = _revive_owned(value, revivers)
         elif kind is list:
             _revive_owned_list(value, revivers)

@@ -49,7 +49,11 @@ class TargetBatch(Protocol[W_co]):
         ...
 
     def start_event(self) -> None:
-        """Writes from here on belong to one event, until :meth:`keep_event` or :meth:`drop_event`."""
+        """Writes from here on belong to one event, until :meth:`keep_event` or :meth:`drop_event`.
+
+        The runner calls it only when it may have to drop an event's writes: a batch's first attempt
+        calls :meth:`keep_event` alone after each event, and is rolled back if a handler raises.
+        """
         ...
 
     def keep_event(self) -> None:

@@ -40,6 +40,7 @@ from projections.projection import handles
 from projections.runner import BatchOutcome, DeadLetter, SourceItem, apply_batch
 from projections.target import BatchConflict, TargetBatch, TargetReadFailed
 from projections.targets import PostgresTarget, SqlProjection, SqlWrites
+from projections.targets.postgres import _PostgresBatch
 from tests.helpers import unique_name
 
 metadata = MetaData()
@@ -287,6 +288,32 @@ def test_poison_handler_is_dead_lettered_with_its_writes_discarded(
     # Neither the +100 on the existing aggregate nor the new POISON_DAY row survived.
     assert daily_totals(engine, target) == {DAY: (2, Decimal("11.00"))}
     assert target.applied_version(a) == 3
+
+
+def test_events_are_kept_apart_only_in_a_batch_whose_handler_raised(
+    engine: Engine, target: PostgresTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Remembering each event's changes costs every event, for handlers that almost never fail: a
+    batch is applied without it first, and again, isolated, only if a handler raised."""
+    starts: list[str] = []
+    original = _PostgresBatch.start_event
+
+    def start_event(self: _PostgresBatch) -> None:
+        starts.append("start")
+        original(self)
+
+    monkeypatch.setattr(_PostgresBatch, "start_event", start_event)
+    a, b = new_stream(), new_stream()
+
+    apply(target, [placed(a), make_event(a, 2, "Paid")])
+    assert starts == []
+
+    sink = Sink()
+    outcome = apply(target, [placed(b), make_event(b, 2, "Poison"), make_event(b, 3, "Paid")], "2", sink)
+    assert len(starts) == 3  # the second attempt only, one per handled event
+    assert outcome.applied == 3 and [letter.reason for letter in sink.letters] == ["poison"]
+    assert order_rows(engine, target)[b]["status"] == "paid"
+    assert target.checkpoints() == {"log": "2"}
 
 
 def test_failure_during_commit_leaves_neither_writes_nor_checkpoints(

@@ -48,10 +48,10 @@ from projections.privileges import grant_projection_schema
 from projections.projection import Projection
 from projections.target import BatchConflict, TargetBatch
 from projections.targets.pg_deferred import PipelinedStatement, SentPipeline, Statement, fetch_pipelined
-from projections.targets.sql_arrays import BinaryArray, unnest_param
+from projections.targets.sql_arrays import BinaryArray, unnest_param, uuid_texts_param
 from projections.targets.sql_flush import STAGING_MIN_ROWS, db_key, flush_writes
 from projections.targets.sql_staging import StagingTables
-from projections.targets.sql_writes import Key, Row, SqlWrites, TableSpec, as_uuid, uuid_key
+from projections.targets.sql_writes import Key, Row, SqlWrites, TableSpec, uuid_key
 
 __all__ = ["PostgresTarget", "SqlProjection", "SqlWrites"]
 
@@ -94,7 +94,7 @@ _checkpoints = Table(
 
 # The ids come back as text, canonical as stream ids are: no UUID object built, nor str() of one.
 _select_versions = select(cast(_versions.c.stream_id, Text), _versions.c.version).where(
-    _versions.c.stream_id == any_(bindparam("ids", type_=BinaryArray(Uuid)))
+    _versions.c.stream_id == any_(uuid_texts_param("ids"))
 )
 _select_version = select(_versions.c.version).where(_versions.c.stream_id == bindparam("id", type_=Uuid))
 
@@ -108,10 +108,11 @@ _select_version = select(_versions.c.version).where(_versions.c.stream_id == bin
 # which the NOT NULL column refuses. Both abort the transaction with an error, so that the check
 # holds without anyone reading the statement's result: a deferred commit sends it with the rest.
 _insert_versions = pg_insert(_versions).from_select(
-    ["stream_id", "version"], select(unnest_param("new_ids", Uuid), unnest_param("new_versions", BigInteger))
+    ["stream_id", "version"],
+    select(func.unnest(uuid_texts_param("new_ids")), unnest_param("new_versions", BigInteger)),
 )
 _changes = select(
-    unnest_param("ids", Uuid).label("stream_id"),
+    func.unnest(uuid_texts_param("ids")).label("stream_id"),
     unnest_param("read_versions", BigInteger).label("read_version"),
     unnest_param("versions", BigInteger).label("version"),
 ).subquery("changes")
@@ -349,16 +350,15 @@ class _PostgresBatch:
             if not stream_ids:
                 return {}
         texts = [uuid_key(sid) for sid in stream_ids]  # how SqlWrites keys UUID columns
-        ids = [as_uuid(text) for text in texts]
         target, conn = self._target, self._conn
-        prefetches = [self._prefetch_read(spec, ids, texts) for spec in target._prefetch]
+        prefetches = [self._prefetch_read(spec, texts) for spec in target._prefetch]
         versions = target._statement(
             ("pipelined", _select_versions), lambda: PipelinedStatement(conn, _select_versions, target.schema)
         )
         # The versions and the prefetched rows in one round trip.
         reads = [
-            (versions, {"ids": ids}),
-            *((statement, {"ids": values}) for statement, values, _ in prefetches),
+            (versions, {"ids": texts}),
+            *((statement, {"ids": keys}) for statement, keys in prefetches),
         ]
         try:
             results = fetch_pipelined(conn, reads)
@@ -368,7 +368,7 @@ class _PostgresBatch:
             raise
         applied: dict[str, int] = {sid: version for sid, version in results[0]}
         self._read.update(applied)
-        for spec, (_, _, keys), rows in zip(target._prefetch, prefetches, results[1:], strict=True):
+        for spec, (_, keys), rows in zip(target._prefetch, prefetches, results[1:], strict=True):
             self._preload(spec, keys, rows)
         return applied
 
@@ -438,8 +438,8 @@ class _PostgresBatch:
         # Canonical UUID strings sort like the UUIDs, and much faster; one order everywhere keeps
         # two processes updating the same rows from deadlocking.
         ordered = sorted(versions.items())
-        new = [(as_uuid(sid), v) for sid, v in ordered if sid not in read]
-        known = [(as_uuid(sid), v) for sid, v in ordered if sid in read]
+        new = [(sid, v) for sid, v in ordered if sid not in read]
+        known = [(sid, v) for sid, v in ordered if sid in read]
         return {
             **_columns(known, "ids", "versions"),
             "read_versions": [read[sid] for sid, _ in ordered if sid in read],
@@ -448,26 +448,22 @@ class _PostgresBatch:
             "positions": list(checkpoints.values()),
         }
 
-    def _prefetch_read(
-        self, spec: TableSpec, stream_ids: Sequence[UUID], texts: Sequence[str]
-    ) -> tuple[PipelinedStatement, list[Any], list[Key]]:
-        """How to read the rows of ``spec`` keyed by these streams (UUIDs, and their canonical
-        texts): the statement, its ids parameter, and the keys the rows are known by."""
-        ids: list[Any]
-        keys: list[Any]
-        if spec.normalizers[0] is None:
-            ids = keys = [str(sid) for sid in stream_ids]
-        else:
-            ids, keys = list(stream_ids), list(texts)
+    def _prefetch_read(self, spec: TableSpec, texts: Sequence[str]) -> tuple[PipelinedStatement, list[str]]:
+        """How to read the rows of ``spec`` keyed by these streams (their canonical texts, which
+        are also the keys the rows are known by): the statement and its ids parameter."""
         table = spec.table
         target, conn = self._target, self._conn
 
         def build() -> PipelinedStatement:
             key = table.c[spec.pk[0]]
-            stmt = select(table).where(key == any_(bindparam("ids", type_=BinaryArray(key.type))))
-            return PipelinedStatement(conn, stmt, target.schema)
+            ids = (
+                uuid_texts_param("ids")
+                if spec.normalizers[0] is not None
+                else bindparam("ids", type_=BinaryArray(key.type))
+            )
+            return PipelinedStatement(conn, select(table).where(key == any_(ids)), target.schema)
 
-        return target._statement(("prefetch", spec), build), ids, keys
+        return target._statement(("prefetch", spec), build), list(texts)
 
     def _preload(self, spec: TableSpec, keys: list[Key], rows: list[tuple[Any, ...]]) -> None:
         """Hand the rows read for ``keys`` to the batch's writes; the keys without a row as None."""
