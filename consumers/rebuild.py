@@ -34,7 +34,7 @@ from eventstore.relay.topics import create_missing_topics, topic_for
 from eventstore.store import EventStore
 from projections.generations import BUILDING, RETIRED, Generation, GenerationRegistry
 from projections.projection import Projection
-from projections.replay import LOG_CHECKPOINT, ReplayStats, is_log_checkpoint, replay
+from projections.replay import LOG_CHECKPOINT, ReplayStats, is_log_checkpoint, pinned_checkpoint, replay
 from projections.runner import DeadLetter
 from projections.target import ProjectionTarget
 
@@ -178,8 +178,12 @@ class Rebuild:
             ends = consumer.end_offsets(partitions)
         finally:
             consumer.close()
+        pins = {f"{tp.topic}:{tp.partition}": str(offset) for tp, offset in ends.items()}
+        # Each pin twice: the copy says, while the two agree, that nothing came from Kafka yet, so the
+        # replay may take streams new to a batch as never applied (see pinned_checkpoint).
+        copies = {pinned_checkpoint(source): offset for source, offset in pins.items()}
         with target.batch() as batch:
-            batch.commit({}, {f"{tp.topic}:{tp.partition}": str(offset) for tp, offset in ends.items()})
+            batch.commit({}, {**pins, **copies})
 
     def _replay(
         self, target: ProjectionTarget[Any], progress: RebuildProgress, stop: threading.Event

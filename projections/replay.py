@@ -28,6 +28,8 @@ from projections.target import ProjectionTarget
 
 LOG_CHECKPOINT = "log"
 _PARTITION_CHECKPOINT = re.compile(r"log:\d+/\d+")
+# Kafka topic names cannot hold "/": no topic's checkpoint (``topic:partition``) starts like this.
+_PINNED = "pinned/"
 
 
 def _nothing_applied_after(checkpoints: Mapping[str, str]) -> LogPosition | None:
@@ -36,10 +38,22 @@ def _nothing_applied_after(checkpoints: Mapping[str, str]) -> LogPosition | None
 
     A replay that starts behind another's checkpoint (the whole log's catch-up after a parallel
     replay) meets events applied already, which the versions must absorb: they have to be read.
+    A Kafka checkpoint that still stands where a rebuild pinned it before replaying (see
+    :func:`pinned_checkpoint`) says no record was applied from Kafka: a consumer's batch moves it.
     """
-    if not all(is_log_checkpoint(source) for source in checkpoints):
-        return None
-    return max((LogPosition.parse(position) for position in checkpoints.values()), default=LOG_START)
+    replays = []
+    for source, position in checkpoints.items():
+        if is_log_checkpoint(source):
+            replays.append(LogPosition.parse(position))
+        elif not source.startswith(_PINNED) and checkpoints.get(pinned_checkpoint(source)) != position:
+            return None
+    return max(replays, default=LOG_START)
+
+
+def pinned_checkpoint(source: str) -> str:
+    """Where a rebuild keeps the Kafka checkpoint ``source`` as it pinned it, before its replay
+    (``pinned/topic:0``): while the two agree, no Kafka consumer has applied anything to the target."""
+    return f"{_PINNED}{source}"
 
 
 def partition_checkpoint(index: int, count: int) -> str:

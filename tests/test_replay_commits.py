@@ -124,3 +124,8 @@ def test_a_replay_takes_new_streams_as_fresh_only_past_every_replays_checkpoint(
     assert _nothing_applied_after({}) == LOG_START
     assert _nothing_applied_after({"log": "5/10", "log:0/2": "7/3", "log:1/2": "6/20"}) == LogPosition(7, 3)
     assert _nothing_applied_after({"log": "5/10", "datalayer.events.Order:0": "12"}) is None
+    # Where a rebuild pinned its Kafka start before replaying: fresh while no consumer moved it.
+    pinned = {"log": "5/10", "datalayer.events.Order:0": "12", "pinned/datalayer.events.Order:0": "12"}
+    assert _nothing_applied_after(pinned) == LogPosition(5, 10)
+    assert _nothing_applied_after({**pinned, "datalayer.events.Order:0": "13"}) is None
+    assert _nothing_applied_after({**pinned, "datalayer.events.Order:1": "0"}) is None
