@@ -30,6 +30,7 @@ from consumers.dead_letters import DEAD_LETTER_PRODUCER_SETTINGS, KafkaDeadLette
 from consumers.live import TargetFactory, group_for
 from consumers.parallel_replay import replay_in_parallel, settle_log_checkpoint
 from consumers.runtime import ConsumerConfig, ProjectionConsumer, _freeze_startup_objects
+from consumers.topic_ids import current_topic_ids, topic_id_checkpoint
 from eventstore.relay.topics import create_missing_topics, topic_for
 from eventstore.store import EventStore
 from projections.generations import BUILDING, RETIRED, Generation, GenerationRegistry
@@ -176,9 +177,11 @@ class Rebuild:
         try:
             partitions = [TopicPartition(t, p) for t in self.topics for p in sorted(_partitions(consumer, t))]
             ends = consumer.end_offsets(partitions)
+            ids = current_topic_ids(consumer, self.topics)
         finally:
             consumer.close()
         pins = {f"{tp.topic}:{tp.partition}": str(offset) for tp, offset in ends.items()}
+        pins.update((topic_id_checkpoint(topic), topic_id) for topic, topic_id in ids.items())
         # Each pin twice: the copy says, while the two agree, that nothing came from Kafka yet, so the
         # replay may take streams new to a batch as never applied (see pinned_checkpoint).
         copies = {pinned_checkpoint(source): offset for source, offset in pins.items()}

@@ -14,7 +14,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast, runtime_checkable
 
@@ -29,6 +29,7 @@ from consumers import record_unpacking
 from consumers.assignment_watch import AssignmentWatch
 from consumers.dead_letters import DEAD_LETTER_PRODUCER_SETTINGS, KafkaDeadLetters, dead_letter_topic
 from consumers.group_join import fix_group_join
+from consumers.topic_ids import current_topic_ids, recreated_topics, topic_id_checkpoint
 from eventstore.relay.topics import create_missing_topics, topic_for
 from projections.events import MalformedEvent, event_from_envelope
 from projections.projection import Projection
@@ -180,6 +181,8 @@ class ProjectionConsumer:
         self._sink: KafkaDeadLetters | None = None
         self._stop = threading.Event()
         self._last_offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        # Each assigned topic's id when it was assigned, stored with every batch's offsets.
+        self._topic_ids: dict[str, str] = {}
 
     def run(self, stop: threading.Event) -> None:
         """Consume, apply and checkpoint batches; return after the batch in hand when ``stop`` is set.
@@ -216,7 +219,7 @@ class ProjectionConsumer:
                 polled = consumer.poll(timeout_ms=timeout)
                 # Parsed before the commit out is confirmed: parsing needs no target, and so it
                 # runs while PostgreSQL (or Redis) is still busy with that commit.
-                read = _read(polled) if polled else None
+                read = _read(polled, self._topic_ids) if polled else None
                 try:
                     self._raise_rebalance_error()
                     self._confirm(sink, stop)
@@ -404,13 +407,30 @@ class ProjectionConsumer:
             admin.close()
 
     def seek_to_checkpoints(self, consumer: KafkaConsumer, assigned: Sequence[TopicPartition]) -> None:
-        """Position each newly assigned partition just after the target's last committed batch."""
+        """Position each newly assigned partition just after the target's last committed batch.
+
+        A partition of a topic created again since its offsets were stored (its id differs, see
+        ``consumers.topic_ids``) starts from its beginning instead: the stored offset would skip
+        the new topic's records before it, and the stream versions skip what was applied already.
+        """
         # Whoever held these partitions before may have applied their streams since this target last
         # did: versions it remembers from its own batches are read again.
         self.target.forget_applied_versions()
         stored = self._read_checkpoints()
+        current = current_topic_ids(consumer, {tp.topic for tp in assigned})
+        recreated = recreated_topics(stored, current)
+        self._topic_ids.update(current)
+        for topic in sorted(recreated):
+            log.warning(
+                "consumer %s: topic %s was created again since the read model's offsets were stored "
+                "(id %s, now %s): reading its partitions from the beginning",
+                self.projection.qualified_name,
+                topic,
+                stored[topic_id_checkpoint(topic)],
+                current[topic],
+            )
         for tp in assigned:
-            position = stored.get(f"{tp.topic}:{tp.partition}")
+            position = None if tp.topic in recreated else stored.get(f"{tp.topic}:{tp.partition}")
             if position is None:
                 consumer.seek_to_beginning(tp)
             else:
@@ -525,9 +545,10 @@ def _transient(exc: BaseException) -> bool:
 
 
 def _read(
-    polled: dict[TopicPartition, list[Any]],
+    polled: dict[TopicPartition, list[Any]], topic_ids: Mapping[str, str] | None = None
 ) -> tuple[list[SourceItem], dict[str, str], dict[TopicPartition, OffsetAndMetadata]]:
-    """Parse a poll's records into source items, and the next offset of each partition."""
+    """Parse a poll's records into source items, and the next offset of each partition (with the
+    ids of their topics, where ``topic_ids`` knows them)."""
     items: list[SourceItem] = []
     checkpoints: dict[str, str] = {}
     offsets: dict[TopicPartition, OffsetAndMetadata] = {}
@@ -540,4 +561,9 @@ def _read(
         next_offset = records[-1].offset + 1
         checkpoints[f"{tp.topic}:{tp.partition}"] = str(next_offset)
         offsets[tp] = OffsetAndMetadata(next_offset, "", -1)
+    if topic_ids:
+        for topic in {tp.topic for tp in polled}:
+            topic_id = topic_ids.get(topic)
+            if topic_id is not None:
+                checkpoints[topic_id_checkpoint(topic)] = topic_id
     return items, checkpoints, offsets

@@ -193,8 +193,18 @@ def _consumer_checks(report: StatusReport, limits: Thresholds) -> list[Check]:
                     False,
                     f"{active.name}: stored offsets past the end of {len(past_end)} partition(s), "
                     f"e.g. {first.source} at {first.applied:,} of {first.end:,}: the topic was created "
-                    f"again since this read model consumed it; rebuild it "
-                    f"(datalayer rebuild {projection.name})",
+                    f"again since this read model consumed it; (re)start its consumer, which reads "
+                    f"the new topic from its beginning, or rebuild it (datalayer rebuild {projection.name})",
+                )
+            )
+            continue
+        if active.recreated:
+            checks.append(
+                Check(
+                    name,
+                    False,
+                    f"{active.name}: {', '.join(active.recreated)} created again since this read model "
+                    f"stored its offsets; restart its consumer, which reads the new topic from its beginning",
                 )
             )
             continue

@@ -10,7 +10,7 @@ metrics endpoint and the demo all read it from here.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +23,7 @@ from psycopg import sql
 
 from consumers.dead_letters import dead_letter_topic
 from consumers.live import group_for
+from consumers.topic_ids import current_topic_ids, recreated_topics
 from datalayer.clients import postgres_connection
 from datalayer.settings import Settings
 from eventstore.relay.checkpoint import read_lag
@@ -97,13 +98,16 @@ class GenerationStatus:
     group_assigned: int | None = None  # partitions the members hold; fewer than the topics' is a problem
     group_lag: int | None = None
     error: str | None = None
+    # Topics created again since this read model stored its offsets (their id differs from the one
+    # stored with the offsets): its consumer reads them from the beginning at its next assignment.
+    recreated: list[str] = field(default_factory=list)
 
     @property
     def past_end(self) -> list[PartitionLag]:
         """Partitions whose stored offset lies past their end: the topic was deleted and created
         again (or truncated) since this read model consumed it, so its offsets name other records.
-        The consumer reads such a partition from its beginning (the stream versions skip what was
-        applied), but a restart after the topic grew past the stored offset would skip records."""
+        Its consumer reads such a partition from its beginning once it runs (the stream versions
+        skip what was applied): the topic's id stored with the offsets tells it (see ``recreated``)."""
         return [p for p in self.partitions if p.applied is not None and p.applied > p.end]
 
 
@@ -313,6 +317,10 @@ class _KafkaView:
         self.consumer.close()
         self.admin.close()
 
+    def topic_ids(self, topics: Iterable[str]) -> dict[str, str]:
+        """The topics' ids as Kafka has them now (those it knows)."""
+        return current_topic_ids(self.consumer, topics)
+
     def partitions(self, topics: Sequence[str]) -> list[TopicPartition]:
         found = []
         for topic in topics:
@@ -401,6 +409,7 @@ def _generation_status(
         status.error = one_line(exc)
         return status
     status.log_checkpoint = checkpoints.get("log")
+    status.recreated = sorted(recreated_topics(checkpoints, kafka.topic_ids({tp.topic for tp in ends})))
     behind: dict[TopicPartition, int] = {}
     for tp in sorted(ends):
         stored = checkpoints.get(f"{tp.topic}:{tp.partition}")

@@ -132,7 +132,13 @@ def print_status(report: Any, out: SupportsWrite[str], partitions: bool = False)
                     print(
                         f"  warning: {g.name} stored offsets past the end of {len(g.past_end)} "
                         f"partition(s) (--partitions shows them): the topic was created again since; "
-                        f"rebuild {p.name}",
+                        f"its consumer reads the new one from the beginning once it runs",
+                        file=out,
+                    )
+                if g.error is None and g.status != "retired" and g.recreated and not g.past_end:
+                    print(
+                        f"  warning: {g.name}: {', '.join(g.recreated)} created again since its offsets "
+                        f"were stored; its consumer reads the new topic from the beginning when restarted",
                         file=out,
                     )
     for server, error in report.errors.items():

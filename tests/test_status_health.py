@@ -204,7 +204,7 @@ def test_status_and_health_name_offsets_past_the_end_of_a_topic_created_again(
 
     running: Running | None = None
     try:
-        running, _, _ = start_on_five_orders(pl, projection)
+        running, customer, products = start_on_five_orders(pl, projection)
         wait_until(
             lambda: (
                 (g := active()) is not None
@@ -224,6 +224,7 @@ def test_status_and_health_name_offsets_past_the_end_of_a_topic_created_again(
 
         generation = active()
         assert generation.past_end and all(p.end == 0 for p in generation.past_end)
+        assert generation.recreated == [topic]  # the id stored with the offsets is not the new topic's
         assert generation.lag_events == 0  # not the negative sum of the stored offsets
         report = status_json(pl, name)
         (listed,) = report["projections"][0]["generations"]
@@ -235,6 +236,18 @@ def test_status_and_health_name_offsets_past_the_end_of_a_topic_created_again(
         assert health.returncode == 1
         assert "stored offsets past the end of" in health.stdout
         assert f"datalayer rebuild {name}" in health.stdout
+
+        # Once the new topic has grown past every stored offset, only its id tells it apart.
+        def grown_past() -> bool:
+            pl.order_flow(customer, products, 20)
+            wait_until(lambda: pl.relay is not None and pl.relay.lag().events == 0, what="the relay")
+            return not active().past_end
+
+        wait_until(grown_past, timeout=120, what=f"the new {topic} to grow past the stored offsets")
+        assert active().recreated == [topic]
+        health = cli(pl, name, "health", "consumers", "--projection", ISOLATED_VIEWS)
+        assert health.returncode == 1
+        assert f"{topic} created again since this read model stored its offsets" in health.stdout
     finally:
         if running is not None:
             running.stop()
