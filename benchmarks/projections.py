@@ -381,7 +381,8 @@ class _TimedConsumer(ProjectionConsumer):
         super()._committed(batch)
         self.records += len(batch.items)
         for source, position in batch.checkpoints.items():
-            self.reached[source] = int(position)
+            if source in self.ends:  # the partitions' offsets, not the topics' ids beside them
+                self.reached[source] = int(position)
         if self.last is None and all(self.reached.get(s, 0) >= end for s, end in self.ends.items()):
             self.last = time.perf_counter()
             self.cpu += time.process_time()

@@ -29,6 +29,7 @@ from consumers import record_unpacking
 from consumers.assignment_watch import AssignmentWatch
 from consumers.dead_letters import DEAD_LETTER_PRODUCER_SETTINGS, KafkaDeadLetters, dead_letter_topic
 from consumers.group_join import fix_group_join
+from consumers.progress_watch import ProgressWatch
 from consumers.topic_ids import current_topic_ids, recreated_topics, topic_id_checkpoint
 from eventstore.relay.topics import create_missing_topics, topic_for
 from projections.events import MalformedEvent, event_from_envelope
@@ -103,6 +104,9 @@ class ConsumerConfig:
     # Seconds a consumer may hold no partition, in a group with fewer members than partitions,
     # before it rejoins with a new client (see consumers.assignment_watch).
     unassigned_limit_s: float = 30.0
+    # Seconds a consumer's polls may all come back empty while an assigned partition has records
+    # past its position, before it rejoins with a new client (see consumers.progress_watch).
+    stalled_limit_s: float = 30.0
     # With a target that can (DeferredCommits): send a batch's commit and poll Kafka for the next
     # batch while the target runs it, then confirm it before applying the next one. False waits
     # for every commit before polling again.
@@ -196,6 +200,7 @@ class ProjectionConsumer:
         sink = KafkaDeadLetters(producer, self.dead_letter_topic, self.projection.name)
         group = self.config.group_for(self.projection)
         watch = AssignmentWatch(group, self.topics, self.kafka_config, self.config.unassigned_limit_s)
+        progress = ProgressWatch(self.config.stalled_limit_s)
         target = self.target
         deferred = self.config.defer_commits and isinstance(target, DeferredCommits)
         self._sink, self._stop = sink, stop
@@ -228,14 +233,16 @@ class ProjectionConsumer:
                 finally:
                     self._observe_unobserved()
                 if read is None:
-                    if timeout and watch.stuck(consumer):
+                    if timeout and (watch.stuck(consumer) or progress.stalled(consumer)):
                         consumer.close(autocommit=False)
                         consumer = None
                         self.stats.assigned.clear()
                         self.stats.rejoins += 1
                         consumer = self._join(group, stop)
                         watch.reset()
+                        progress.reset()
                     continue
+                progress.reset()
                 if stop.is_set():
                     break  # the records just polled stay for whoever resumes from the checkpoints
                 items, checkpoints, offsets = read

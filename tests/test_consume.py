@@ -266,6 +266,34 @@ def test_a_consumer_left_without_partitions_rejoins_and_misses_nothing(pl: Pipel
     assert pl.read_model(pl.views) == pl.read_model(pl.fresh_replay(pl.views))
 
 
+def test_a_consumer_that_fetches_nothing_while_records_wait_rejoins_and_misses_nothing(pl: Pipeline) -> None:
+    # A client stuck with its partitions (as kafka-python's join race left it, see group_join), made
+    # on purpose: after its first batch the client pauses every partition it holds, so its polls
+    # come back empty while records wait. Paused in the consumer's thread, where the client is safe.
+    paused: list[int] = []
+
+    def pause_once(consumer: ProjectionConsumer, outcome: Any, seconds: float) -> None:
+        client = consumer.kafka_consumer
+        if not paused and client is not None and client.assignment():
+            client.pause(*client.assignment())
+            paused.append(1)
+
+    pl.start_relay()
+    consumer = pl.start_consumer(pl.views, observer=pause_once, stalled_limit_s=1.0)
+    customer, (p0,) = pl.seed_catalog(1, stock=100)
+    first = pl.commands.place_order({"customer_id": customer, "lines": [{"product_id": p0, "quantity": 1}]})
+    wait_until(lambda: bool(paused), timeout=60, what="the consumer's first batch")
+    later = [
+        pl.commands.place_order({"customer_id": customer, "lines": [{"product_id": p0, "quantity": 1}]})
+        for _ in range(3)
+    ]
+    for placed in [first, *later]:
+        wait_until_applied(pl.views.projection, pl.views, placed.written, timeout=60)
+    assert consumer.stats.rejoins >= 1
+    pl.wait_caught_up(pl.views)
+    assert pl.read_model(pl.views) == pl.read_model(pl.fresh_replay(pl.views))
+
+
 def test_a_handlers_failed_read_is_retried_only_when_its_cause_is_transient() -> None:
     """A server restarting under a handler's read is retried as a batch; a read that cannot work
     (a missing table) stops the consumer with its error, as any lasting target error does."""
