@@ -321,17 +321,23 @@ class _RedisBatch:
         return None
 
     def applied_versions(self, stream_ids: Collection[str], fresh: Collection[str] = ()) -> dict[str, int]:
-        """The versions this target remembers, and one HMGET for the others (``fresh`` streams
-        included); the commit script checks all of them are unchanged before writing."""
+        """The versions this target remembers, and one HMGET for the others but ``fresh`` ones,
+        taken as never applied; the commit script checks all of them are unchanged before writing,
+        so a fresh stream applied after all makes the batch conflict, and its retry reads it."""
         known = self._target._known
         found: dict[str, int] = {}
         ids = self._ids
         seen = self._seen
         unknown: list[str] = []
+        skipped = set(fresh) if fresh else ()
         for sid in stream_ids:
             version = known.get(sid)
             if version is None:
-                unknown.append(sid)
+                if sid in skipped:
+                    ids.append(sid)
+                    seen.append("")  # absent, as the script will check
+                else:
+                    unknown.append(sid)
             else:
                 found[sid] = version
                 ids.append(sid)
