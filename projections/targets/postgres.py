@@ -43,10 +43,12 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateIndex, CreateSchema, CreateTable, DropSchema
 
+from projections.commit_signal import CommitSignal
 from projections.generations import deferred_indexes, is_building
 from projections.privileges import grant_projection_schema
 from projections.projection import Projection
 from projections.target import BatchConflict, TargetBatch
+from projections.targets.pg_commit_signal import commit_signal, notify_statement
 from projections.targets.pg_deferred import PipelinedStatement, SentPipeline, Statement, fetch_pipelined
 from projections.targets.sql_arrays import BinaryArray, unnest_param, uuid_texts_param
 from projections.targets.sql_flush import STAGING_MIN_ROWS, db_key, flush_writes
@@ -301,8 +303,12 @@ class PostgresTarget:
             version: int | None = conn.execute(_select_version, {"id": UUID(stream_id)}).scalar()
             return version
 
+    def commit_signal(self) -> CommitSignal:
+        """Woken by every batch committed into this schema, by any process (see ``commit_signal``)."""
+        return commit_signal(self.engine, self.schema)
+
     def forget_applied_versions(self) -> None:
-        """Nothing remembered: every batch reads (and locks) its streams' versions."""
+        """Nothing remembered: every batch reads its streams' versions."""
 
     def close(self) -> None:
         """Nothing to release: the engine belongs to the caller."""
@@ -403,9 +409,11 @@ class _PostgresBatch:
                     )
                     statements.append(bookkeeping.bind(params))
                 statements += deferred
+                statements.append(notify_statement(target.schema))
                 statements.append(("COMMIT", None))
                 self.sent = _SentCommit(conn, SentPipeline(conn, statements), staging)
                 return
+            conn.exec_driver_sql(*notify_statement(target.schema))
             conn.commit()
             if staging is not None:
                 staging.committed()

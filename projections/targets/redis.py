@@ -17,8 +17,10 @@ import orjson
 import redis
 import redis.exceptions
 
+from projections.commit_signal import CommitSignal
 from projections.projection import Projection
 from projections.target import BatchConflict
+from projections.targets.redis_commit_signal import commit_signal
 from projections.targets.redis_writes import RedisWrites, coalesced_commands
 
 if TYPE_CHECKING:
@@ -112,6 +114,8 @@ local incrs = w[5]
 for i = 1, #incrs, 2 do
   call('INCRBY', p .. incrs[i], incrs[i + 1])
 end
+-- Announced to read-your-writes waits (see projections.commit_signal): the channel is CHANNEL.
+redis.call('PUBLISH', 'datalayer:applied', p)
 return {0, #errors, unpack(errors, 1, math.min(#errors, 10))}
 """
 
@@ -168,6 +172,10 @@ class RedisTarget:
         """The last version of ``stream_id`` applied, or None."""
         version = self.client.hget(self._versions_key, stream_id)
         return None if version is None else int(version)
+
+    def commit_signal(self) -> CommitSignal:
+        """Woken by every batch committed under this prefix, by any process (see ``commit_signal``)."""
+        return commit_signal(self.client, self.prefix)
 
     def forget_applied_versions(self) -> None:
         """Read every stream's version from Redis again from the next batch on.
