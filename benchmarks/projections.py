@@ -31,7 +31,10 @@ on the consumed topics (``Order`` and ``Product``).
     for all pending samples (``= ANY`` of an array in PostgreSQL, one HMGET in Redis): the headline
     figures; and *per-sample*, the query API once per pending sample per poll
     (``OrderQueries.get_order``, ``OrderCacheQueries.order_status``), as this benchmark measured
-    until session 4, whose figures are printed beside them (``latency_per_sample_observer``). Why:
+    until session 4, whose figures are printed beside them (``latency_per_sample_observer``); a
+    third run, *signalled*, asks as the batched one does but when a batch commits into the read
+    model rather than every millisecond (the commit signal ``wait_until_applied`` wakes on,
+    ``latency_signalled_observer``). Why:
     polling shares a 2-core machine with the relay, both consumers, the writer and the servers, so
     the less it costs the less it slows the pipeline it measures; the CPU this process used during
     each run is printed (``latency_observer_cores``; measured 0.19 batched against 0.24 per sample,
@@ -102,6 +105,7 @@ from eventstore.persistence import DatalayerApplicationRecorder
 from eventstore.records import NewEvent
 from eventstore.relay.relay import Relay, RelayConfig
 from eventstore.relay.topics import topic_for
+from projections.commit_signal import CommitSignal
 from projections.orders import OrderCache, OrderCacheQueries, OrderQueries, OrderViews
 from projections.orders.tables import order_summaries
 from projections.runner import BatchOutcome
@@ -631,7 +635,10 @@ class Observer(threading.Thread):
                     pending.append(item)
             pending = self.poll(pending)
             if pending:
-                time.sleep(POLL_S)
+                self.pause()
+
+    def pause(self) -> None:
+        time.sleep(POLL_S)
 
     def poll(self, pending: list[Sample]) -> list[Sample]:
         """Query each pending sample; note the ones that show; return the others."""
@@ -671,11 +678,29 @@ class BatchedObserver(Observer):
         return still
 
 
+class SignalledObserver(BatchedObserver):
+    """:class:`BatchedObserver` that asks again when a batch commits into its read model (the commit
+    signal read-your-writes waits use, ``projections.commit_signal``) instead of every ``POLL_S``:
+    what ``wait_until_applied`` does, observed for every sample; a query at least every 0.25 s."""
+
+    def __init__(self, name: str, shown: Callable[[list[Sample]], list[bool]], signal: CommitSignal) -> None:
+        super().__init__(name, shown)
+        self.signal = signal
+        self.seen = signal.count()
+
+    def poll(self, pending: list[Sample]) -> list[Sample]:
+        self.seen = self.signal.count()  # before the query: a commit after it ends the pause at once
+        return super().poll(pending)
+
+    def pause(self) -> None:
+        self.signal.wait(self.seen, 0.25)
+
+
 @dataclass
 class LatencyRun:
     """One writer run's latencies (ms) per read model, with one way of observing them."""
 
-    observer: str  # "batched" or "per-sample"
+    observer: str  # "batched", "per-sample" or "signalled"
     pg_ms: list[float]
     redis_ms: list[float]
     achieved: dict[str, Any]
@@ -761,6 +786,16 @@ def latency(
                 pair: dict[str, Observer] = {
                     "pg": BatchedObserver("pg", pg_shown),
                     "redis": BatchedObserver("redis", redis_shown),
+                }
+            elif way == "signalled":
+                signals = (views.commit_signal(), cache.commit_signal())
+                for one in signals:
+                    listening_by = time.monotonic() + 30
+                    while not one.listening and time.monotonic() < listening_by:
+                        one.wait(one.count(), 0.1)  # a listener's connection wakes its signals
+                pair = {
+                    "pg": SignalledObserver("pg", pg_shown, signals[0]),
+                    "redis": SignalledObserver("redis", redis_shown, signals[1]),
                 }
             else:
                 pair = {"pg": Observer("pg", pg_shows), "redis": Observer("redis", redis_shows)}
@@ -1284,16 +1319,17 @@ def main() -> None:
     parser.add_argument(
         "--observers",
         type=lambda text: [way.strip() for way in text.split(",") if way.strip()],
-        default=["batched", "per-sample"],
+        default=["batched", "per-sample", "signalled"],
         help="latency runs, one after the other, by how the read models are polled: batched (one "
-        "query per poll for all pending samples; the headline figures) and per-sample (one query per "
-        "sample per poll, as before); default: batched,per-sample",
+        "query per poll for all pending samples; the headline figures), per-sample (one query per "
+        "sample per poll, as before) and signalled (batched, asking again when a batch commits, as "
+        "read-your-writes waits do); default: batched,per-sample,signalled",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if not args.observers or set(args.observers) - {"batched", "per-sample"}:
-        parser.error("--observers: a comma-separated list of batched and per-sample")
+    if not args.observers or set(args.observers) - {"batched", "per-sample", "signalled"}:
+        parser.error("--observers: a comma-separated list of batched, per-sample and signalled")
     if args.worker:
         spec = json.loads(args.spec)
         if args.worker == "target":

@@ -115,7 +115,7 @@ for i = 1, #incrs, 2 do
   call('INCRBY', p .. incrs[i], incrs[i + 1])
 end
 -- Announced to read-your-writes waits (see projections.commit_signal): the channel is CHANNEL.
-redis.call('PUBLISH', 'datalayer:applied', p)
+redis.pcall('PUBLISH', 'datalayer:applied', p)  -- pcall: a user without the channel still commits
 return {0, #errors, unpack(errors, 1, math.min(#errors, 10))}
 """
 
