@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger("datalayer.projections")
@@ -50,8 +51,9 @@ class CommitSignal:
 class CommitListener:
     """A daemon thread that runs ``listen`` and hands each announced name to that read model's signal.
 
-    ``listen(route)`` connects, subscribes, calls ``route(name)`` per announcement and returns or
-    raises when its connection ends; it is called again after :data:`RECONNECT_DELAY`.
+    ``listen(route, connected)`` connects, subscribes, calls ``connected()`` once it hears, then
+    ``route(name)`` per announcement, and returns or raises when its connection ends; it is called
+    again after :data:`RECONNECT_DELAY`.
     """
 
     def __init__(self, what: str, listen: Listen) -> None:
@@ -87,11 +89,22 @@ class CommitListener:
             signal.heard()
 
     def _run(self) -> None:
-        stopped = threading.Event()
+        failures = 0
         while True:
             try:
                 self._listen(self._route, lambda: self._listening(True))
             except Exception as exc:
-                log.debug("commit listener %s: %s; reconnecting", self._what, exc)
+                if self._on:
+                    failures = 0  # it had connected: a new outage
+                failures += 1
+                # Said once per outage: waits poll meanwhile, so nothing is wrong but their speed.
+                log.log(
+                    logging.WARNING if failures == 1 else logging.DEBUG,
+                    "commit listener %s: %s; read-your-writes waits poll until it reconnects",
+                    self._what,
+                    exc,
+                )
+            else:
+                failures = 0
             self._listening(False)
-            stopped.wait(RECONNECT_DELAY)
+            time.sleep(RECONNECT_DELAY)  # between attempts to connect, not waiting for a result
